@@ -1,0 +1,1 @@
+"""tfweave's benchmarks: one module per part, all on the harness in ``harness.py``."""

@@ -1,0 +1,1 @@
+"""tfweave.hippo (being built)."""

@@ -1,0 +1,1 @@
+"""tfweave.janus (being built)."""

@@ -1,0 +1,1 @@
+"""tfweave.netfuse (being built)."""

@@ -1,0 +1,1 @@
+"""tfweave.recursion (being built)."""

@@ -1,0 +1,1 @@
+"""tfweave.serving (being built)."""
