@@ -1,0 +1,111 @@
+"""Grouped (ragged) matrix multiplication: each contiguous group of rows has its own weight.
+
+``grouped_matmul(x, w, group_sizes)`` computes, for every group ``g``,
+``y[o_g : o_g + n_g] = x[o_g : o_g + n_g] @ w[g]`` with ``n_g = group_sizes[g]`` and ``o_g`` the
+sum of the sizes before ``g``. It replaces "pad every group to the largest, then BatchMatMul"
+when groups differ in size (NetFuse's per-model batches in serving): no padded rows are
+computed, and an empty group costs nothing.
+
+The ops come from the compiled library ``_grouped_matmul_ops.so``
+(``tfweave.ops.load_library("grouped_matmul")``). They run eagerly, in ``tf.function`` and in a
+reloaded SavedModel (load the library, e.g. by importing this module and calling any wrapper or
+:func:`load_ops`, before ``tf.saved_model.load``). XLA has no lowering for them: a
+``tf.function(jit_compile=True)`` that contains one fails to compile with an error naming the
+op; use ``jit_compile=False`` (the default) around it.
+
+Gradients for ``x``, ``w`` and ``bias`` are registered here (and second-order gradients through
+the weight-gradient op), so ``tf.GradientTape`` works through the ops.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tfweave.ops import load_library
+
+__all__ = ["grouped_matmul", "grouped_matmul_weight_grad", "load_ops"]
+
+FAMILY = "grouped_matmul"
+
+
+def load_ops():
+    """Loads the op library (once) and returns its generated op module."""
+    return load_library(FAMILY)
+
+
+def grouped_matmul(x, w, group_sizes, bias=None, *, transpose_w: bool = False, name=None):
+    """Multiplies each group of rows of ``x`` by that group's weight.
+
+    Args:
+      x: ``[T, K]`` float32, bfloat16 or float16; the rows of all groups, group after group.
+      w: ``[G, K, M]`` weights, one per group (``[G, M, K]`` when ``transpose_w``), same dtype.
+      group_sizes: ``[G]`` int32 or int64, non-negative, summing to ``T``.
+      bias: optional ``[G, M]``; group ``g``'s rows get ``+ bias[g]``.
+      transpose_w: ``w[g]`` is stored transposed, as ``[M, K]`` (like a Dense kernel's
+        transpose, or ``tf.matmul(..., transpose_b=True)``).
+      name: an optional name for the op.
+
+    Returns:
+      ``[T, M]``: rows of group ``g`` are ``x_g @ w[g] (+ bias[g])``.
+
+    Raises:
+      tf.errors.InvalidArgumentError: when the sizes do not sum to ``T``, a size is negative, or
+        a shape or ``G`` does not match; the message names the sizes.
+    """
+    ops = load_ops()
+    if bias is None:
+        return ops.grouped_mat_mul(x, w, group_sizes, transpose_w=transpose_w, name=name)
+    return ops.grouped_mat_mul_bias(x, w, group_sizes, bias, transpose_w=transpose_w, name=name)
+
+
+def grouped_matmul_weight_grad(x, dy, group_sizes, *, transpose_w: bool = False, name=None):
+    """Per-group ``x_g^T @ dy_g`` as ``[G, K, M]`` (``dy_g^T @ x_g``, ``[G, M, K]``, when
+    ``transpose_w``): the gradient of :func:`grouped_matmul` with respect to ``w``.
+
+    An empty group's slice is zero.
+    """
+    return load_ops().grouped_mat_mul_weight_grad(x, dy, group_sizes, transpose_w=transpose_w,
+                                                  name=name)
+
+
+def _segment_ids(group_sizes, rows):
+    """Row -> group index, for the bias gradient (empty groups simply get no rows)."""
+    sizes = tf.cast(group_sizes, tf.int64)
+    return tf.repeat(tf.range(tf.size(sizes, out_type=tf.int64), dtype=tf.int64), sizes,
+                     axis=0)[:rows]
+
+
+def _matmul_grads(op, dy):
+    x, w, group_sizes = op.inputs[0], op.inputs[1], op.inputs[2]
+    transpose_w = op.get_attr("transpose_w")
+    ops = load_ops()
+    # dx_g = dy_g @ w_g^T: the same op with the other orientation of w.
+    dx = ops.grouped_mat_mul(dy, w, group_sizes, transpose_w=not transpose_w)
+    dw = ops.grouped_mat_mul_weight_grad(x, dy, group_sizes, transpose_w=transpose_w)
+    return dx, dw
+
+
+@tf.RegisterGradient("GroupedMatMul")
+def _grouped_matmul_grad(op, dy):
+    dx, dw = _matmul_grads(op, dy)
+    return dx, dw, None
+
+
+@tf.RegisterGradient("GroupedMatMulBias")
+def _grouped_matmul_bias_grad(op, dy):
+    dx, dw = _matmul_grads(op, dy)
+    group_sizes = op.inputs[2]
+    dbias = tf.math.unsorted_segment_sum(dy, _segment_ids(group_sizes, tf.shape(dy)[0]),
+                                         num_segments=tf.shape(group_sizes, out_type=tf.int64)[0])
+    return dx, dw, None, dbias
+
+
+@tf.RegisterGradient("GroupedMatMulWeightGrad")
+def _grouped_matmul_weight_grad_grad(op, ddw):
+    # dw_g = x_g^T dy_g (or dy_g^T x_g): bilinear, so each input's gradient is a grouped matmul.
+    x, dy, group_sizes = op.inputs[0], op.inputs[1], op.inputs[2]
+    transpose_w = op.get_attr("transpose_w")
+    ops = load_ops()
+    dx = ops.grouped_mat_mul(dy, ddw, group_sizes, transpose_w=not transpose_w)
+    ddy = ops.grouped_mat_mul(x, ddw, group_sizes, transpose_w=transpose_w)
+    return dx, ddy, None

@@ -1,0 +1,120 @@
+// GroupedMatMul: one call multiplies each contiguous group of rows of x by its own weight.
+//
+// Three ops share one contract:
+//   GroupedMatMul            (x, w, group_sizes)        -> y
+//   GroupedMatMulBias        (x, w, group_sizes, bias)  -> y      (y += bias[g] on group g's rows)
+//   GroupedMatMulWeightGrad  (x, dy, group_sizes)       -> dw     (the gradient for w)
+// The bias is a separate op rather than an optional input so that each op has a fixed
+// signature (TF ops cannot have optional inputs; an input list would hide the [G, M] shape).
+
+#include "tensorflow/core/framework/common_shape_fns.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace tensorflow {
+namespace {
+
+using shape_inference::DimensionHandle;
+using shape_inference::InferenceContext;
+using shape_inference::ShapeHandle;
+
+// x [T, K], w [G, K, M] (or [G, M, K] with transpose_w), group_sizes [G] -> y [T, M].
+absl::Status GroupedMatMulShape(InferenceContext* c) {
+  ShapeHandle x, w, sizes;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 3, &w));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 1, &sizes));
+  bool transpose_w = false;
+  TF_RETURN_IF_ERROR(c->GetAttr("transpose_w", &transpose_w));
+  DimensionHandle groups, k, m;
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(w, 0), c->Dim(sizes, 0), &groups));
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, 1), c->Dim(w, transpose_w ? 2 : 1), &k));
+  m = c->Dim(w, transpose_w ? 1 : 2);
+  if (c->num_inputs() > 3) {  // GroupedMatMulBias: bias [G, M]
+    ShapeHandle bias;
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 2, &bias));
+    TF_RETURN_IF_ERROR(c->Merge(c->Dim(bias, 0), groups, &groups));
+    TF_RETURN_IF_ERROR(c->Merge(c->Dim(bias, 1), m, &m));
+  }
+  c->set_output(0, c->Matrix(c->Dim(x, 0), m));
+  return absl::OkStatus();
+}
+
+// x [T, K], dy [T, M], group_sizes [G] -> dw [G, K, M] (or [G, M, K] with transpose_w).
+absl::Status GroupedMatMulWeightGradShape(InferenceContext* c) {
+  ShapeHandle x, dy, sizes;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &dy));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 1, &sizes));
+  DimensionHandle rows;
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, 0), c->Dim(dy, 0), &rows));
+  bool transpose_w = false;
+  TF_RETURN_IF_ERROR(c->GetAttr("transpose_w", &transpose_w));
+  DimensionHandle k = c->Dim(x, 1), m = c->Dim(dy, 1);
+  c->set_output(0, c->MakeShape({c->Dim(sizes, 0), transpose_w ? m : k, transpose_w ? k : m}));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+REGISTER_OP("GroupedMatMul")
+    .Input("x: T")
+    .Input("w: T")
+    .Input("group_sizes: Tidx")
+    .Output("y: T")
+    .Attr("T: {float, bfloat16, half}")
+    .Attr("Tidx: {int32, int64} = DT_INT32")
+    .Attr("transpose_w: bool = false")
+    .SetShapeFn(GroupedMatMulShape)
+    .Doc(R"doc(
+Multiplies each contiguous group of rows of `x` by that group's weight matrix.
+
+Rows `offset_g .. offset_g + group_sizes[g]` of `x` (offset_g = sum of the sizes before g)
+are multiplied by `w[g]`. An empty group costs nothing. XLA has no lowering for this op, so
+it must run outside `jit_compile=True` functions.
+
+x: [T, K], the rows of all groups, group after group.
+w: [G, K, M], one weight per group ([G, M, K] when `transpose_w`).
+group_sizes: [G], non-negative, summing to T.
+y: [T, M].
+transpose_w: w holds each group's weight transposed, as [M, K].
+)doc");
+
+REGISTER_OP("GroupedMatMulBias")
+    .Input("x: T")
+    .Input("w: T")
+    .Input("group_sizes: Tidx")
+    .Input("bias: T")
+    .Output("y: T")
+    .Attr("T: {float, bfloat16, half}")
+    .Attr("Tidx: {int32, int64} = DT_INT32")
+    .Attr("transpose_w: bool = false")
+    .SetShapeFn(GroupedMatMulShape)
+    .Doc(R"doc(
+GroupedMatMul plus a per-group bias: group g's rows get `x_g @ w[g] + bias[g]`.
+
+bias: [G, M].
+)doc");
+
+REGISTER_OP("GroupedMatMulWeightGrad")
+    .Input("x: T")
+    .Input("dy: T")
+    .Input("group_sizes: Tidx")
+    .Output("dw: T")
+    .Attr("T: {float, bfloat16, half}")
+    .Attr("Tidx: {int32, int64} = DT_INT32")
+    .Attr("transpose_w: bool = false")
+    .SetShapeFn(GroupedMatMulWeightGradShape)
+    .Doc(R"doc(
+The gradient of GroupedMatMul with respect to `w`: dw[g] = x_g^T @ dy_g.
+
+With `transpose_w`, dw[g] = dy_g^T @ x_g, matching a transposed w. An empty group's
+gradient is zero.
+
+x: [T, K].
+dy: [T, M].
+group_sizes: [G], non-negative, summing to T.
+dw: [G, K, M] ([G, M, K] when `transpose_w`).
+)doc");
+
+}  // namespace tensorflow
