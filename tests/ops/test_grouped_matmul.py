@@ -1,0 +1,225 @@
+"""GroupedMatMul against an independent per-group reference (NumPy and tf.matmul per group)."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+
+@pytest.fixture(scope="module")
+def gmm(grouped_matmul_library):
+    from tfweave.ops import grouped_matmul
+    grouped_matmul.load_ops()
+    return grouped_matmul
+
+
+def _problem(sizes, k, m, *, seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    sizes = np.asarray(sizes)
+    x = rng.standard_normal((int(sizes.sum()), k)).astype(dtype)
+    w = rng.standard_normal((len(sizes), k, m)).astype(dtype)
+    bias = rng.standard_normal((len(sizes), m)).astype(dtype)
+    return x, w, bias
+
+
+def _numpy_reference(x, w, sizes, bias=None):
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    out = np.zeros((x.shape[0], w.shape[2]), np.float64)
+    for g in range(len(sizes)):
+        rows = slice(offsets[g], offsets[g + 1])
+        out[rows] = x[rows].astype(np.float64) @ w[g].astype(np.float64)
+        if bias is not None:
+            out[rows] += bias[g]
+    return out
+
+
+SIZE_PATTERNS = {
+    "equal": [6, 6, 6, 6],
+    "ragged": [1, 9, 3, 14, 2],
+    "empty_groups": [0, 5, 0, 0, 7, 0],
+    "single_group": [11],
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(SIZE_PATTERNS))
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_grouped_matmul_matches_numpy_per_group(gmm, pattern, index_dtype, transpose_w,
+                                                with_bias):
+    sizes = np.array(SIZE_PATTERNS[pattern], index_dtype)
+    x, w, bias = _problem(sizes, k=13, m=7, seed=len(pattern))
+    w_arg = np.ascontiguousarray(np.transpose(w, (0, 2, 1))) if transpose_w else w
+    y = gmm.grouped_matmul(x, w_arg, sizes, bias=bias if with_bias else None,
+                           transpose_w=transpose_w)
+    np.testing.assert_allclose(y.numpy(), _numpy_reference(x, w, sizes,
+                                                           bias if with_bias else None),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_matmul_matches_tf_matmul_per_group_on_tiles_split_across_threads(gmm):
+    # Large enough for several row tiles per group and column tiles, run on the thread pool.
+    sizes = np.array([700, 0, 300, 1, 513], np.int32)
+    x, w, bias = _problem(sizes, k=96, m=320, seed=3)
+    y = gmm.grouped_matmul(x, w, sizes, bias=bias).numpy()
+    parts = tf.split(x, sizes)
+    expected = tf.concat([tf.matmul(p, w[g]) + bias[g] for g, p in enumerate(parts)], 0)
+    np.testing.assert_allclose(y, expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_matmul_with_few_rows_splits_columns_and_still_matches(gmm):
+    sizes = np.array([2, 3], np.int64)
+    x, w, _ = _problem(sizes, k=64, m=1000, seed=4)
+    y = gmm.grouped_matmul(x, w, sizes, transpose_w=False)
+    np.testing.assert_allclose(y.numpy(), _numpy_reference(x, w, sizes), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(tf.bfloat16, 5e-2), (tf.float16, 5e-3)])
+def test_grouped_matmul_low_precision_matches_float_reference(gmm, dtype, tolerance):
+    sizes = np.array([4, 0, 9, 3], np.int32)
+    x, w, bias = _problem(sizes, k=16, m=8, seed=5)
+    # Round the inputs to the low precision first so only the op's own rounding remains.
+    xl, wl, bl = (tf.cast(a, dtype) for a in (x, w, bias))
+    y = gmm.grouped_matmul(xl, wl, sizes, bias=bl)
+    assert y.dtype == dtype
+    reference = _numpy_reference(*(tf.cast(a, tf.float32).numpy() for a in (xl, wl)), sizes,
+                                 tf.cast(bl, tf.float32).numpy())
+    np.testing.assert_allclose(tf.cast(y, tf.float32).numpy(), reference,
+                               rtol=tolerance, atol=tolerance * 4)
+
+
+def test_degenerate_shapes_give_empty_or_zero_outputs(gmm):
+    # No rows at all.
+    y = gmm.grouped_matmul(tf.zeros([0, 3]), tf.ones([2, 3, 4]), tf.constant([0, 0]))
+    assert y.shape == (0, 4)
+    # No groups at all.
+    y = gmm.grouped_matmul(tf.zeros([0, 3]), tf.ones([0, 3, 4]), tf.zeros([0], tf.int32))
+    assert y.shape == (0, 4)
+    # K = 0: the product is empty, so each row is just its group's bias.
+    bias = tf.constant([[1.0, 2.0], [3.0, 4.0]])
+    y = gmm.grouped_matmul(tf.zeros([3, 0]), tf.zeros([2, 0, 2]), tf.constant([1, 2]),
+                           bias=bias)
+    np.testing.assert_array_equal(y.numpy(), [[1, 2], [3, 4], [3, 4]])
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_weight_grad_op_matches_numpy_and_zeroes_empty_groups(gmm, transpose_w):
+    sizes = np.array([5, 0, 8, 300], np.int64)
+    x, _, _ = _problem(sizes, k=40, m=3, seed=6)
+    dy = np.random.default_rng(7).standard_normal((x.shape[0], 70)).astype(np.float32)
+    dw = gmm.grouped_matmul_weight_grad(x, dy, sizes, transpose_w=transpose_w).numpy()
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    for g in range(len(sizes)):
+        xg, dyg = x[offsets[g]:offsets[g + 1]], dy[offsets[g]:offsets[g + 1]]
+        expected = dyg.T @ xg if transpose_w else xg.T @ dyg
+        np.testing.assert_allclose(dw[g], expected, rtol=1e-4, atol=1e-4)
+    assert not dw[1].any()
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("index_dtype", [tf.int32, tf.int64])
+def test_gradients_for_x_w_and_bias_match_numeric_gradients(gmm, transpose_w, index_dtype):
+    sizes = tf.constant([2, 0, 3, 1], index_dtype)
+    x, w, bias = _problem(sizes.numpy(), k=4, m=3, seed=8, dtype=np.float64)
+    w_arg = np.transpose(w, (0, 2, 1)).copy() if transpose_w else w
+    x, w_arg, bias = (tf.constant(a, tf.float32) for a in (x, w_arg, bias))
+
+    def f(x, w, b):
+        return gmm.grouped_matmul(x, w, sizes, bias=b, transpose_w=transpose_w)
+
+    theoretical, numerical = tf.test.compute_gradient(f, [x, w_arg, bias], delta=1e-2)
+    for t, n in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, n, rtol=2e-2, atol=2e-2)
+
+
+def test_gradient_without_bias_and_second_order_match_numeric(gmm):
+    sizes = tf.constant([3, 0, 2])
+    x, w, _ = _problem(sizes.numpy(), k=3, m=2, seed=9)
+    x, w = tf.constant(x), tf.constant(w)
+
+    def first_order(x, w):
+        return gmm.grouped_matmul(x, w, sizes)
+
+    theoretical, numerical = tf.test.compute_gradient(first_order, [x, w], delta=1e-2)
+    for t, n in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, n, rtol=2e-2, atol=2e-2)
+
+    dy = tf.constant(np.random.default_rng(10).standard_normal((5, 2)), tf.float32)
+
+    def weight_grad(x, dy):
+        return gmm.grouped_matmul_weight_grad(x, dy, sizes)
+
+    theoretical, numerical = tf.test.compute_gradient(weight_grad, [x, dy], delta=1e-2)
+    for t, n in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, n, rtol=2e-2, atol=2e-2)
+
+
+def test_gradient_tape_agrees_with_per_group_tf_matmul(gmm):
+    sizes = np.array([4, 0, 6], np.int32)
+    x, w, bias = (tf.Variable(a) for a in _problem(sizes, k=5, m=6, seed=11))
+    with tf.GradientTape(persistent=True) as tape:
+        ours = tf.reduce_sum(tf.sin(gmm.grouped_matmul(x, w, sizes, bias=bias)))
+        parts = tf.split(x, sizes)
+        ref = tf.reduce_sum(tf.sin(tf.concat(
+            [tf.matmul(p, w[g]) + bias[g] for g, p in enumerate(parts)], 0)))
+    for ours_grad, ref_grad in zip(tape.gradient(ours, [x, w, bias]),
+                                   tape.gradient(ref, [x, w, bias])):
+        np.testing.assert_allclose(tf.convert_to_tensor(ours_grad).numpy(),
+                                   tf.convert_to_tensor(ref_grad).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_tf_function_with_unknown_shapes_infers_output_shape_and_matches_eager(gmm):
+    fn = tf.function(lambda x, w, s: gmm.grouped_matmul(x, w, s),
+                     input_signature=[tf.TensorSpec([None, 6]), tf.TensorSpec([None, 6, 5]),
+                                      tf.TensorSpec([None], tf.int64)])
+    assert fn.get_concrete_function().outputs[0].shape.as_list() == [None, 5]
+    sizes = np.array([3, 0, 4], np.int64)
+    x, w, _ = _problem(sizes, k=6, m=5, seed=12)
+    np.testing.assert_allclose(fn(x, w, sizes).numpy(), gmm.grouped_matmul(x, w, sizes).numpy())
+
+
+def test_shape_function_rejects_mismatched_static_shapes_at_trace_time(gmm):
+    fn = tf.function(lambda x, w, s: gmm.grouped_matmul(x, w, s, transpose_w=True))
+    with pytest.raises(ValueError, match="Dimensions must be equal"):
+        fn.get_concrete_function(tf.TensorSpec([4, 3]), tf.TensorSpec([2, 5, 4]),
+                                 tf.TensorSpec([2], tf.int32))
+    with pytest.raises(ValueError, match="Dimensions must be equal"):
+        fn.get_concrete_function(tf.TensorSpec([4, 3]), tf.TensorSpec([2, 5, 3]),
+                                 tf.TensorSpec([3], tf.int32))
+
+
+def test_saved_model_round_trip_reproduces_outputs_and_gradients(gmm, tmp_path):
+    sizes = np.array([2, 0, 5], np.int32)
+    x, w, bias = _problem(sizes, k=4, m=3, seed=13)
+
+    class Layer(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(w)
+            self.bias = tf.Variable(bias)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 4]), tf.TensorSpec([3], tf.int32)])
+        def __call__(self, x, group_sizes):
+            return gmm.grouped_matmul(x, self.w, group_sizes, bias=self.bias)
+
+    tf.saved_model.save(Layer(), str(tmp_path / "model"))
+    loaded = tf.saved_model.load(str(tmp_path / "model"))  # the library is loaded (fixture)
+    np.testing.assert_allclose(loaded(x, sizes).numpy(), _numpy_reference(x, w, sizes, bias),
+                               rtol=1e-5, atol=1e-5)
+    xv = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xv)
+        y = tf.reduce_sum(loaded(xv, sizes))
+    # d sum(y) / dx_g = row sums of w[g], repeated over the group's rows.
+    expected = np.repeat(w.sum(axis=2), sizes, axis=0)
+    np.testing.assert_allclose(tape.gradient(y, xv).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_jit_compile_false_runs_and_jit_compile_true_fails_naming_the_op(gmm):
+    sizes = np.array([1, 2], np.int32)
+    x, w, _ = _problem(sizes, k=3, m=2, seed=14)
+    no_xla = tf.function(lambda x, w, s: gmm.grouped_matmul(x, w, s), jit_compile=False)
+    np.testing.assert_allclose(no_xla(x, w, sizes).numpy(), _numpy_reference(x, w, sizes),
+                               rtol=1e-5, atol=1e-5)
+    xla = tf.function(lambda x, w, s: gmm.grouped_matmul(x, w, s), jit_compile=True)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="GroupedMatMul"):
+        xla(x, w, sizes)
