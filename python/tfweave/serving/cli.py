@@ -1,12 +1,99 @@
-"""``tfweave serve``: see issue #6; the subcommand is wired, the part is not built yet."""
+"""``tfweave serve``: a TF Serving-compatible model server with cross-model batching.
 
+Flags are tensorflow_model_server's (``--port``, ``--rest_api_port``, ``--model_config_file``,
+``--model_name``/``--model_base_path``, ``--enable_batching``, ``--batching_parameters_file``,
+``--rest_api_num_threads``, ``--rest_api_timeout_in_ms``, ``--tensorflow_*_parallelism``) plus
+``--host``, ``--backend`` and ``--max_request_bytes``. TensorFlow is imported in ``main`` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
 import sys
+import threading
 
 
-def configure_parser(parser) -> None:
-    parser.add_argument("args", nargs="*", help="arguments for tfweave serve (not built yet)")
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--port", type=int, default=8500, help="gRPC port (0: pick a free one)")
+    add("--rest_api_port", type=int, default=8501,
+        help="REST port (0 disables REST, as in TF Serving)")
+    add("--host", default="127.0.0.1",
+        help="address to bind (default loopback; 0.0.0.0 to serve the network)")
+    add("--model_config_file", default="",
+        help="TF Serving ModelServerConfig text proto; merged models' members are configs with "
+             "model_platform: \"netfuse\"")
+    add("--model_name", default="default", help="name of the model given by --model_base_path")
+    add("--model_base_path", default="",
+        help="directory of numbered versions (BASE/1, BASE/2, ...); the newest is served. A "
+             "merged model's members are served too, under their own names")
+    add("--enable_batching", action="store_true",
+        help="batch requests: per model, and across the members of merged models")
+    add("--batching_parameters_file", default="",
+        help="BatchingParameters text proto (max_batch_size, batch_timeout_micros, "
+             "num_batch_threads, max_enqueued_batches)")
+    add("--backend", default="embedded",
+        help="'embedded' (in-process TensorFlow) or grpc://HOST:PORT to forward every run, "
+             "merged batches included, to a TF Serving hosting the same models")
+    add("--max_request_bytes", type=int, default=64 << 20,
+        help="largest request accepted on gRPC and REST (larger: RESOURCE_EXHAUSTED / 413)")
+    add("--rest_api_num_threads", type=int, default=256,
+        help="most REST connections served at once (more get 503)")
+    add("--rest_api_timeout_in_ms", type=int, default=30000, help="REST request timeout")
+    add("--tensorflow_intra_op_parallelism", type=int, default=0)
+    add("--tensorflow_inter_op_parallelism", type=int, default=0)
+    add("--quiet", action="store_true", help="log warnings only")
+
+
+def build_options(args):
+    from tfweave.serving.model_config import (ConfigError, parse_batching_parameters,
+                                              parse_model_server_config)
+    from tfweave.serving.server import ServerOptions, entries_for_base_path
+
+    if args.model_config_file and args.model_base_path:
+        raise ConfigError("give either --model_config_file or --model_base_path, not both")
+    if args.model_config_file:
+        entries = parse_model_server_config(args.model_config_file)
+    elif args.model_base_path:
+        entries = entries_for_base_path(args.model_name, args.model_base_path)
+    else:
+        raise ConfigError("nothing to serve: give --model_base_path (with --model_name) or "
+                          "--model_config_file")
+    batching = None
+    if args.enable_batching:
+        batching = parse_batching_parameters(args.batching_parameters_file or None)
+    elif args.batching_parameters_file:
+        raise ConfigError("--batching_parameters_file needs --enable_batching")
+    return ServerOptions(
+        entries=entries, host=args.host, port=args.port, rest_api_port=args.rest_api_port,
+        batching=batching, backend=args.backend, max_request_bytes=args.max_request_bytes,
+        rest_api_num_threads=args.rest_api_num_threads,
+        rest_api_timeout_ms=args.rest_api_timeout_in_ms,
+        intra_op_threads=args.tensorflow_intra_op_parallelism,
+        inter_op_threads=args.tensorflow_inter_op_parallelism)
 
 
 def main(args) -> int:
-    print("tfweave serve is not built yet (issue #6)", file=sys.stderr)
-    return 2
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from tfweave.serving.model_config import ConfigError
+    from tfweave.serving.server import ModelServer
+
+    try:
+        options = build_options(args)
+        server = ModelServer(options).start()
+    except (ConfigError, ValueError, OSError) as error:
+        print(f"tfweave serve: {error}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    models = ", ".join(sorted(server.manager.models))
+    rest = f" REST {options.host}:{server.rest_port}" if server.rest_port else ""
+    print(f"tfweave serve: ready gRPC {options.host}:{server.grpc_port}{rest} models: {models}",
+          flush=True)
+    stop.wait()
+    server.stop()
+    return 0

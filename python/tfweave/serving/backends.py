@@ -1,0 +1,191 @@
+"""Where a SavedModel's signature actually runs.
+
+- ``EmbeddedBackend`` (default): the model is loaded in this process with the session-based
+  SavedModel loader TF Serving itself uses (``tf.compat.v1.saved_model.loader``); each
+  (signature, inputs, outputs) combination becomes one ``Session.make_callable``, which
+  releases the GIL while TensorFlow runs, so batch threads overlap with request decoding.
+- ``GrpcBackend`` (``--backend grpc://HOST:PORT``): nothing is loaded here but the signature
+  metadata (read from ``saved_model.pb``); every run, including each merged batch, is one
+  ``PredictionService.Predict`` to a TF Serving (or tfweave) server hosting the same model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import numpy as np
+
+from tfweave.serving.status import ServingError, internal
+
+LOG = logging.getLogger(__name__)
+
+# Canonical codes by number (tensorflow/core/protobuf/error_codes.proto).
+_CODE_NAMES = ["OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+               "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+               "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL",
+               "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"]
+
+
+def read_signature_defs(version_dir: str) -> dict:
+    """The ``serve`` MetaGraph's SignatureDefs, straight from ``saved_model.pb``."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = os.path.join(version_dir, "saved_model.pb")
+    saved_model = saved_model_pb2.SavedModel()
+    try:
+        with open(path, "rb") as f:
+            saved_model.ParseFromString(f.read())
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable SavedModel: {error}") from error
+    for meta_graph in saved_model.meta_graphs:
+        if "serve" in meta_graph.meta_info_def.tags:
+            return dict(meta_graph.signature_def)
+    raise ValueError(f"{path}: no MetaGraph tagged 'serve' (the tag TF Serving loads)")
+
+
+class LoadedModel:
+    """One version of a SavedModel as a backend runs it."""
+
+    path: str
+    signature_defs: dict
+
+    def run(self, signature_name: str, feeds: dict[str, np.ndarray],
+            output_keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class SessionModel(LoadedModel):
+    def __init__(self, path: str, session_config=None):
+        import tensorflow as tf
+
+        self.path = path
+        self._graph = tf.Graph()
+        self._session = tf.compat.v1.Session(graph=self._graph, config=session_config)
+        with self._graph.as_default():
+            meta_graph = tf.compat.v1.saved_model.loader.load(self._session, ["serve"], path)
+        self.signature_defs = dict(meta_graph.signature_def)
+        self._callables: dict = {}
+        self._lock = threading.Lock()
+        self._op_error = tf.errors.OpError
+
+    def _callable(self, signature_name, input_keys, output_keys):
+        key = (signature_name, input_keys, output_keys)
+        fn = self._callables.get(key)
+        if fn is None:
+            signature = self.signature_defs[signature_name]
+            with self._lock:
+                fn = self._callables.get(key)
+                if fn is None:
+                    fn = self._session.make_callable(
+                        [signature.outputs[k].name for k in output_keys],
+                        [signature.inputs[k].name for k in input_keys])
+                    self._callables[key] = fn
+        return fn
+
+    def run(self, signature_name, feeds, output_keys):
+        input_keys = tuple(sorted(feeds))
+        try:
+            fn = self._callable(signature_name, input_keys, tuple(output_keys))
+            values = fn(*[feeds[k] for k in input_keys])
+        except self._op_error as error:
+            raise ServingError(_CODE_NAMES[error.error_code] if 0 < error.error_code < 17
+                               else "UNKNOWN", error.message) from None
+        return dict(zip(output_keys, values))
+
+    def close(self):
+        self._session.close()
+
+
+class EmbeddedBackend:
+    name = "embedded"
+
+    def __init__(self, intra_op_threads: int = 0, inter_op_threads: int = 0):
+        self._intra = intra_op_threads
+        self._inter = inter_op_threads
+
+    def load(self, path: str, remote_name: str, version: int) -> LoadedModel:
+        import tensorflow as tf
+
+        config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=self._intra,
+                                          inter_op_parallelism_threads=self._inter)
+        return SessionModel(path, config)
+
+    def close(self):
+        pass
+
+
+class RemoteModel(LoadedModel):
+    def __init__(self, backend: "GrpcBackend", path: str, remote_name: str, version: int):
+        self.path = path
+        self.signature_defs = read_signature_defs(path)
+        self._backend = backend
+        self._remote_name = remote_name
+        self._version = version
+
+    def run(self, signature_name, feeds, output_keys):
+        import grpc
+        from tensorflow_serving.apis import predict_pb2
+
+        from tfweave.serving.tensor_codec import from_tensor_proto, to_tensor_proto
+
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = self._remote_name
+        request.model_spec.version.value = self._version
+        request.model_spec.signature_name = signature_name
+        for key, value in feeds.items():
+            request.inputs[key].CopyFrom(to_tensor_proto(value))
+        request.output_filter.extend(output_keys)
+        try:
+            response = self._backend.stub.Predict(request, timeout=self._backend.timeout_s)
+        except grpc.RpcError as error:
+            code = error.code().name if error.code() is not None else "UNKNOWN"
+            raise ServingError(code if code != "OK" else "UNKNOWN",
+                               f"backend {self._backend.target} (model {self._remote_name}): "
+                               f"{error.details()}") from None
+        missing = [k for k in output_keys if k not in response.outputs]
+        if missing:
+            raise internal(f"backend {self._backend.target} returned no {missing}")
+        return {k: from_tensor_proto(response.outputs[k], f"backend output '{k}'")
+                for k in output_keys}
+
+
+class GrpcBackend:
+    """Forwards runs to ``grpc://HOST:PORT``; the remote must host each model under the name
+    this server forwards to (the merged model's own name) with the same version numbers."""
+
+    name = "grpc"
+
+    def __init__(self, target: str, timeout_s: float = 60.0, max_message_bytes: int = 1 << 30):
+        import grpc
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)])
+        self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+
+    def load(self, path: str, remote_name: str, version: int) -> LoadedModel:
+        return RemoteModel(self, path, remote_name, version)
+
+    def close(self):
+        self._channel.close()
+
+
+def make_backend(spec: str, *, intra_op_threads: int = 0, inter_op_threads: int = 0):
+    """``embedded`` or ``grpc://HOST:PORT`` (the ``--backend`` flag)."""
+    if spec in ("", "embedded"):
+        return EmbeddedBackend(intra_op_threads, inter_op_threads)
+    if spec.startswith("grpc://"):
+        target = spec[len("grpc://"):]
+        host, _, port = target.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--backend {spec}: expected grpc://HOST:PORT")
+        return GrpcBackend(target)
+    raise ValueError(f"--backend {spec}: expected 'embedded' or grpc://HOST:PORT")

@@ -1,0 +1,110 @@
+"""Prometheus text exposition at TF Serving's ``/monitoring/prometheus/metrics``.
+
+Names follow TF Serving's exporter (``/tensorflow/serving/request_count`` is exported as
+``:tensorflow:serving:request_count``); what only tfweave has (batch sizes of merged runs, how
+many members shared a run, queue depth) lives under ``:tfweave:serving:``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import defaultdict
+
+LATENCY_BUCKETS_US = [100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000,
+                      500000, 1000000, 2500000, 5000000]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+
+
+class _Histogram:
+    __slots__ = ("bounds", "counts", "total", "count")
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+
+def _labels(pairs) -> str:
+    inner = ",".join(f'{k}="{_escape(str(v))}"' for k, v in pairs)
+    return "{" + inner + "}" if inner else ""
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._requests = defaultdict(int)            # (model, api, entrypoint, status) -> n
+        self._latency = {}                           # (model, api, entrypoint) -> histogram
+        self._batch = {}                             # model -> histogram of requests per run
+        self._members = {}                           # model -> histogram of members per run
+        self._runs = defaultdict(int)
+        self.queue_depths = lambda: {}
+
+    def observe_request(self, model: str, api: str, entrypoint: str, status: str,
+                        seconds: float) -> None:
+        with self._lock:
+            self._requests[(model, api, entrypoint, status)] += 1
+            key = (model, api, entrypoint)
+            histogram = self._latency.get(key)
+            if histogram is None:
+                histogram = self._latency[key] = _Histogram(LATENCY_BUCKETS_US)
+            histogram.observe(seconds * 1e6)
+
+    def observe_batch(self, model: str, requests: int, members: int) -> None:
+        with self._lock:
+            self._runs[model] += 1
+            for table, value in ((self._batch, requests), (self._members, members)):
+                histogram = table.get(model)
+                if histogram is None:
+                    histogram = table[model] = _Histogram(BATCH_BUCKETS)
+                histogram.observe(value)
+
+    def batch_summary(self) -> dict[str, dict]:
+        """Runs and mean requests per run per model (the demo and benchmark print these)."""
+        with self._lock:
+            return {m: {"runs": h.count, "mean_requests": h.total / max(h.count, 1)}
+                    for m, h in self._batch.items()}
+
+    def render(self) -> str:
+        lines = []
+        with self._lock:
+            lines += ["# TYPE :tensorflow:serving:request_count counter"]
+            for (model, api, entry, status), n in sorted(self._requests.items()):
+                lines.append(":tensorflow:serving:request_count" + _labels(
+                    [("model_name", model), ("API", api), ("entrypoint", entry),
+                     ("status", status)]) + f" {n}")
+            lines += ["# TYPE :tensorflow:serving:request_latency histogram"]
+            for (model, api, entry), h in sorted(self._latency.items()):
+                self._histogram(lines, ":tensorflow:serving:request_latency", h,
+                                [("model_name", model), ("API", api), ("entrypoint", entry)])
+            lines += ["# TYPE :tfweave:serving:batch_size histogram"]
+            for model, h in sorted(self._batch.items()):
+                self._histogram(lines, ":tfweave:serving:batch_size", h, [("model_name", model)])
+            lines += ["# TYPE :tfweave:serving:members_per_run histogram"]
+            for model, h in sorted(self._members.items()):
+                self._histogram(lines, ":tfweave:serving:members_per_run", h,
+                                [("model_name", model)])
+        lines += ["# TYPE :tfweave:serving:queue_depth gauge"]
+        for model, depth in sorted(self.queue_depths().items()):
+            lines.append(":tfweave:serving:queue_depth" + _labels([("model_name", model)])
+                         + f" {depth}")
+        return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _histogram(lines, name, h, labels):
+        cumulative = 0
+        for bound, count in zip(h.bounds + ["+Inf"], h.counts):
+            cumulative += count
+            lines.append(f"{name}_bucket" + _labels(labels + [("le", bound)]) + f" {cumulative}")
+        lines.append(f"{name}_sum" + _labels(labels) + f" {h.total:g}")
+        lines.append(f"{name}_count" + _labels(labels) + f" {h.count}")

@@ -1,0 +1,300 @@
+"""REST front end: TF Serving's ``/v1/models/...`` API and the Prometheus page.
+
+Paths and verbs follow TF Serving's ``http_rest_api_util.cc`` (same regular expressions):
+``POST /v1/models/NAME[/versions/V|/labels/L]:predict`` and ``GET /v1/models/NAME[...]`` for
+status and ``.../metadata``. Errors are ``{"error": "..."}`` with TF Serving's HTTP status for
+the error's code. HTTP/1.1 keep-alive; one thread per open connection, capped by
+``--rest_api_num_threads`` (beyond the cap a connection gets 503 at once); bodies beyond
+``--max_request_bytes`` get 413 without being read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlsplit
+
+from google.protobuf import json_format
+
+from tfweave.serving import rest_json
+from tfweave.serving.grpc_service import model_metadata, model_status
+from tfweave.serving.status import ServingError, invalid_argument, unimplemented
+
+LOG = logging.getLogger(__name__)
+
+PREDICT_PATH = re.compile(r"/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?"
+                          r":(classify|regress|predict)", re.IGNORECASE)
+STATUS_PATH = re.compile(r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|"
+                         r"(?:/labels/([^/:]+)))?(?:/(metadata))?", re.IGNORECASE)
+V1_PATH = re.compile(r"/v1/.*", re.IGNORECASE)
+PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
+
+
+class _ClientGone(Exception):
+    """The client closed the connection or stopped sending before its body was complete."""
+
+
+def _to_json(message) -> bytes:
+    return json.dumps(json_format.MessageToDict(
+        message, preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True), indent=1).encode()
+
+
+class RestApi:
+    """Request handling, independent of the socket server so it reads as the protocol."""
+
+    def __init__(self, manager, metrics, max_request_bytes: int, timeout_s: float):
+        self.manager = manager
+        self.metrics = metrics
+        self.max_request_bytes = max_request_bytes
+        self.timeout_s = timeout_s
+
+    def handle(self, method: str, path: str, read_body) -> tuple[int, str, bytes]:
+        """Returns (HTTP status, content type, body); ``read_body()`` returns the request body."""
+        if method == "GET" and path == PROMETHEUS_PATH:
+            return 200, "text/plain; version=0.0.4", self.metrics.render().encode()
+        if not V1_PATH.fullmatch(path):
+            return 404, "application/json", rest_json.error_body(f"Not found: {path}")
+        model, api, start = "", "unknown", time.perf_counter()
+        code = "OK"
+        try:
+            if method == "POST" and (match := PREDICT_PATH.fullmatch(path)):
+                model, version, label, api = self._model_info(match)
+                body = read_body()
+                if api != "predict":
+                    raise unimplemented(f"{api} is not served by tfweave serve; use :predict")
+                return 200, "application/json", self._predict(model, version, label, body)
+            if method == "GET" and (match := STATUS_PATH.fullmatch(path)):
+                model, version, label, sub = self._model_info(match)
+                if not model:
+                    raise invalid_argument("Missing model name in request.")
+                api = "metadata" if sub else "status"
+                if sub:
+                    return 200, "application/json", self._metadata(model, version, label)
+                return 200, "application/json", _to_json(
+                    model_status(self.manager, model, version, label))
+            raise invalid_argument(f"Malformed request: {method} {path}")
+        except ServingError as error:
+            code = error.code
+            return error.http_status, "application/json", rest_json.error_body(error.message)
+        except _ClientGone:
+            code = "CANCELLED"
+            raise
+        finally:
+            if model:
+                self.metrics.observe_request(model, api, "REST", code,
+                                             time.perf_counter() - start)
+
+    @staticmethod
+    def _model_info(match):
+        name, version, label, last = match.groups()
+        if version is not None and label is not None:
+            raise invalid_argument(f"Both model version ({version}) and model version label "
+                                   f"({label}) cannot be supplied.")
+        return (unquote(name or ""), int(version) if version is not None else None,
+                unquote(label) if label else None, (last or "").lower())
+
+    def _predict(self, model, version, label, body: bytes) -> bytes:
+        signature_name, inputs, fmt = rest_json.parse_predict_body(
+            body, lambda sig: self.manager.input_dtypes(model, version, label, sig))
+        _, _, future = self.manager.predict(model, version, label, signature_name, inputs)
+        try:
+            outputs = future.result(timeout=self.timeout_s)
+        except TimeoutError:
+            future.cancel()
+            raise ServingError("DEADLINE_EXCEEDED",
+                               f"request to {model} took longer than "
+                               f"--rest_api_timeout_in_ms ({self.timeout_s * 1000:.0f})") \
+                from None
+        return rest_json.format_predict_response(outputs, fmt)
+
+    def _metadata(self, model, version, label) -> bytes:
+        response = model_metadata(self.manager, model, version, label, ["signature_def"])
+        from tensorflow_serving.apis import get_model_metadata_pb2
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signatures)
+        options = dict(preserving_proto_field_name=True,
+                       always_print_fields_with_no_presence=True)
+        # TF Serving prints model_spec and the unpacked SignatureDefMap separately
+        # (http_rest_api_util.cc) and joins them into this shape.
+        return json.dumps({
+            "model_spec": json_format.MessageToDict(response.model_spec, **options),
+            "metadata": {"signature_def": json_format.MessageToDict(signatures, **options)},
+        }, indent=1).encode()
+
+
+def _make_handler(api: RestApi, timeout_s: float):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "tfweave-serve"
+        timeout = timeout_s
+
+        def log_message(self, format, *args):  # noqa: A002 (BaseHTTPRequestHandler's name)
+            LOG.debug("%s " + format, self.address_string(), *args)
+
+        def do_GET(self):
+            self._serve("GET")
+
+        def do_POST(self):
+            self._serve("POST")
+
+        def do_PUT(self):
+            self._serve("PUT")
+
+        def do_DELETE(self):
+            self._serve("DELETE")
+
+        def _read_body(self) -> bytes:
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                return self._read_chunked()
+            length_text = self.headers.get("Content-Length")
+            if length_text is None:
+                return b""
+            try:
+                length = int(length_text)
+            except ValueError:
+                raise invalid_argument(f"bad Content-Length {length_text!r}") from None
+            if length > api.max_request_bytes:
+                raise ServingError("RESOURCE_EXHAUSTED",
+                                   f"request body of {length} bytes is larger than "
+                                   f"--max_request_bytes={api.max_request_bytes}",
+                                   http_status=413)
+            return self._read_exactly(length)
+
+        def _read_exactly(self, length: int) -> bytes:
+            chunks, remaining = [], length
+            try:
+                while remaining:
+                    chunk = self.rfile.read(remaining)
+                    if not chunk:
+                        raise _ClientGone()
+                    chunks.append(chunk)
+                    remaining -= len(chunk)
+            except (OSError, socket.timeout) as error:
+                raise _ClientGone() from error
+            return b"".join(chunks)
+
+        def _read_chunked(self) -> bytes:
+            chunks, total = [], 0
+            try:
+                while True:
+                    line = self.rfile.readline(65537)
+                    if not line:
+                        raise _ClientGone()
+                    size = int(line.split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                            pass
+                        return b"".join(chunks)
+                    total += size
+                    if total > api.max_request_bytes:
+                        raise ServingError("RESOURCE_EXHAUSTED",
+                                           "chunked request body is larger than "
+                                           f"--max_request_bytes={api.max_request_bytes}",
+                                           http_status=413)
+                    chunks.append(self._read_exactly(size))
+                    self.rfile.readline(3)
+            except ValueError:
+                raise invalid_argument("malformed chunked request body") from None
+            except OSError as error:
+                raise _ClientGone() from error
+
+        def _serve(self, method: str):
+            path = urlsplit(self.path).path
+            body_state = {"read": False, "error": False}
+
+            def read_body():
+                try:
+                    body = self._read_body()
+                    body_state["read"] = True
+                    return body
+                except ServingError:
+                    body_state["error"] = True
+                    raise
+
+            try:
+                status, content_type, body = api.handle(method, path, read_body)
+            except _ClientGone:
+                LOG.debug("client %s left before sending its whole request", self.client_address)
+                self.close_connection = True
+                return
+            has_body = (self.headers.get("Content-Length", "0") not in ("", "0")
+                        or "Transfer-Encoding" in self.headers)
+            if body_state["error"] or (has_body and not body_state["read"]):
+                # An unread body would be parsed as the next request: close after answering.
+                self.close_connection = True
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                if self.close_connection:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:
+                LOG.debug("client %s left before its answer", self.client_address)
+                self.close_connection = True
+
+    return Handler
+
+
+class RestServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+    def __init__(self, address, handler, max_connections: int):
+        self._active = 0
+        self._active_lock = threading.Lock()
+        self.max_connections = max_connections
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        with self._active_lock:
+            over = self._active >= self.max_connections
+            if not over:
+                self._active += 1
+        if over:
+            body = rest_json.error_body("too many open REST connections "
+                                        f"(--rest_api_num_threads={self.max_connections})")
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                                b"application/json\r\nConnection: close\r\nContent-Length: "
+                                + str(len(body)).encode() + b"\r\n\r\n" + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+
+class HttpServer:
+    def __init__(self, manager, metrics, host: str, port: int, *, max_request_bytes: int,
+                 timeout_s: float, max_connections: int):
+        api = RestApi(manager, metrics, max_request_bytes, timeout_s)
+        self._server = RestServer((host, port), _make_handler(api, timeout_s), max_connections)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.2}, name="tfweave-rest",
+                                        daemon=True)
+
+    def start(self) -> int:
+        self._thread.start()
+        return self.port
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

@@ -1,0 +1,102 @@
+"""``ModelServer``: the manager, the batch scheduler and both protocol front ends, started and
+stopped together; what ``tfweave serve`` runs and what the demo and benchmark embed."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from tfweave.serving.model_config import (NETFUSE_PLATFORM, BatchingParameters, ConfigError,
+                                          ModelEntry, available_versions,
+                                          read_netfuse_metadata)
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerOptions:
+    entries: list[ModelEntry]
+    host: str = "127.0.0.1"
+    port: int = 8500                       # gRPC; 0 picks a free port
+    rest_api_port: int = 8501              # 0 disables REST (TF Serving's meaning)
+    batching: BatchingParameters | None = None   # None: --enable_batching not given
+    backend: str = "embedded"
+    max_request_bytes: int = 64 << 20
+    rest_api_num_threads: int = 256
+    rest_api_timeout_ms: int = 30000
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def entries_for_base_path(name: str, base_path: str) -> list[ModelEntry]:
+    """--model_name/--model_base_path: the model itself, plus, when it is a merged model, each
+    member under its own name (from the newest version's assets/netfuse.json)."""
+    entries = [ModelEntry(name=name, base_path=base_path)]
+    versions = available_versions(base_path)
+    if versions:
+        metadata = read_netfuse_metadata(os.path.join(base_path, str(versions[-1])))
+        if metadata is not None:
+            for member in metadata["members"]:
+                if member["name"] == name:
+                    raise ConfigError(f"--model_name {name} is also a member name of the merged "
+                                      f"model {base_path}; pick another --model_name")
+                entries.append(ModelEntry(name=member["name"], base_path=base_path,
+                                          platform=NETFUSE_PLATFORM))
+    return entries
+
+
+class ModelServer:
+    def __init__(self, options: ServerOptions):
+        from tfweave.serving.backends import make_backend
+        from tfweave.serving.metrics import Metrics
+        from tfweave.serving.model_manager import ModelManager
+
+        self.options = options
+        self.metrics = Metrics()
+        backend = make_backend(options.backend, intra_op_threads=options.intra_op_threads,
+                               inter_op_threads=options.inter_op_threads)
+        self.manager = ModelManager(options.entries, backend, options.batching, self.metrics)
+        self.metrics.queue_depths = self.manager.scheduler.queue_depths
+        self._grpc = None
+        self._rest = None
+        self.grpc_port = None
+        self.rest_port = None
+
+    def start(self) -> "ModelServer":
+        from tfweave.serving.grpc_service import GrpcServer
+        from tfweave.serving.rest_api import HttpServer
+
+        o = self.options
+        try:
+            self._grpc = GrpcServer(self.manager, self.metrics, o.host, o.port,
+                                    o.max_request_bytes)
+            self.grpc_port = self._grpc.start()
+            if o.rest_api_port:
+                self._rest = HttpServer(self.manager, self.metrics, o.host, o.rest_api_port,
+                                        max_request_bytes=o.max_request_bytes,
+                                        timeout_s=o.rest_api_timeout_ms / 1000,
+                                        max_connections=o.rest_api_num_threads)
+                self.rest_port = self._rest.start()
+        except Exception:
+            self.stop()
+            raise
+        LOG.info("serving gRPC on %s:%s%s", o.host, self.grpc_port,
+                 f", REST on {o.host}:{self.rest_port}" if self.rest_port else "")
+        return self
+
+    def stop(self) -> None:
+        if self._rest is not None:
+            self._rest.stop()
+            self._rest = None
+        if self._grpc is not None:
+            self._grpc.stop()
+            self._grpc = None
+        self.manager.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,282 @@
+"""TF Serving's gRPC and REST protocols against plain SavedModels and merged-model members.
+
+Clients are tensorflow-serving-api's own stubs and ``requests``; every answer is compared with
+the member SavedModel's own output computed in this process.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import grpc
+import numpy as np
+import pytest
+import requests
+import tensorflow as tf
+from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
+                                     get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
+                                     prediction_service_pb2_grpc, regression_pb2)
+
+from conftest import write_text
+from model_fixtures import IN_DIM
+
+RNG = np.random.default_rng(42)
+
+
+@pytest.fixture(scope="module")
+def server(zoo, start_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("protocols")
+    versioned = tmp / "versioned"
+    shutil.copytree(f"{zoo['members']['member0']}/1", versioned / "1")
+    shutil.copytree(f"{zoo['members']['member1']}/1", versioned / "2")
+    plain = "\n".join(
+        f'  config {{ name: "plain{i}" base_path: "{zoo["members"][n]}" '
+        f'model_platform: "tensorflow" }}' for i, n in enumerate(zoo["names"]))
+    members = "\n".join(
+        f'  config {{ name: "{n}" base_path: "{zoo["merged"]}" model_platform: "netfuse" }}'
+        for n in zoo["names"])
+    config = write_text(tmp / "models.config", f"""
+model_config_list {{
+{plain}
+{members}
+  config {{ name: "merged" base_path: "{zoo['merged']}" model_platform: "tensorflow" }}
+  config {{ name: "versioned" base_path: "{versioned}" }}
+  config {{
+    name: "both_versions" base_path: "{versioned}"
+    model_version_policy {{ all {{}} }}
+    version_labels {{ key: "stable" value: 1 }}
+    version_labels {{ key: "canary" value: 2 }}
+  }}
+}}
+""")
+    batching = write_text(tmp / "batching.config", """
+max_batch_size { value: 64 }
+batch_timeout_micros { value: 1000 }
+num_batch_threads { value: 2 }
+max_enqueued_batches { value: 100 }
+""")
+    return start_server(["--model_config_file", config, "--enable_batching",
+                         "--batching_parameters_file", batching])
+
+
+@pytest.fixture(scope="module")
+def stubs(server):
+    channel = grpc.insecure_channel(server.grpc)
+    yield (prediction_service_pb2_grpc.PredictionServiceStub(channel),
+           model_service_pb2_grpc.ModelServiceStub(channel))
+    channel.close()
+
+
+def predict_request(model, x, *, version=None, label=None, signature="", output_filter=()):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    if version is not None:
+        request.model_spec.version.value = version
+    if label:
+        request.model_spec.version_label = label
+    request.model_spec.signature_name = signature
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto(x))
+    request.output_filter.extend(output_filter)
+    return request
+
+
+def assert_outputs(got: dict, expected: dict):
+    assert set(got) == set(expected)
+    for key in expected:
+        np.testing.assert_allclose(np.asarray(got[key], np.float32), expected[key],
+                                   rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_grpc_predict_on_each_merged_member_equals_the_member_model(stubs, zoo, reference):
+    predict, _ = stubs
+    for name in zoo["names"]:
+        x = RNG.standard_normal((3, IN_DIM)).astype(np.float32)
+        response = predict.Predict(predict_request(name, x), timeout=30)
+        assert response.model_spec.name == name
+        assert response.model_spec.version.value == 1
+        assert response.model_spec.signature_name == "serving_default"
+        assert_outputs({k: tf.make_ndarray(v) for k, v in response.outputs.items()},
+                       reference(name, x))
+
+
+def test_grpc_predict_on_plain_models_equals_their_saved_model(stubs, zoo, reference):
+    predict, _ = stubs
+    for i, name in enumerate(zoo["names"]):
+        x = RNG.standard_normal((2, IN_DIM)).astype(np.float32)
+        response = predict.Predict(predict_request(f"plain{i}", x), timeout=30)
+        assert_outputs({k: tf.make_ndarray(v) for k, v in response.outputs.items()},
+                       reference(name, x))
+
+
+def test_merged_model_itself_is_served_as_an_ordinary_model(stubs, zoo, reference):
+    predict, _ = stubs
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "merged"
+    xs = [RNG.standard_normal((i + 1, IN_DIM)).astype(np.float32) for i in range(3)]
+    for i, x in enumerate(xs):
+        request.inputs[f"m{i}_x"].CopyFrom(tf.make_tensor_proto(x))
+    response = predict.Predict(request, timeout=30)
+    for i, name in enumerate(zoo["names"]):
+        expected = reference(name, xs[i])
+        for key in expected:
+            np.testing.assert_allclose(tf.make_ndarray(response.outputs[f"m{i}_{key}"]),
+                                       expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_grpc_output_filter_returns_only_the_requested_outputs(stubs, reference):
+    predict, _ = stubs
+    x = RNG.standard_normal((2, IN_DIM)).astype(np.float32)
+    response = predict.Predict(predict_request("member1", x, output_filter=["probs"]),
+                               timeout=30)
+    assert list(response.outputs) == ["probs"]
+    np.testing.assert_allclose(tf.make_ndarray(response.outputs["probs"]),
+                               reference("member1", x)["probs"], rtol=1e-5, atol=1e-6)
+
+
+def test_rest_row_format_answers_one_prediction_object_per_instance(server, reference):
+    x = RNG.standard_normal((3, IN_DIM)).astype(np.float32)
+    for model in ("member2", "plain2"):
+        answer = requests.post(f"{server.rest}/v1/models/{model}:predict",
+                               json={"instances": x.tolist()}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        predictions = answer.json()["predictions"]
+        assert len(predictions) == 3 and set(predictions[0]) == {"logits", "probs"}
+        expected = reference("member2", x)
+        assert_outputs({k: [p[k] for p in predictions] for k in predictions[0]}, expected)
+
+
+def test_rest_row_format_with_named_instances_and_explicit_signature(server, reference):
+    x = RNG.standard_normal((2, IN_DIM)).astype(np.float32)
+    answer = requests.post(f"{server.rest}/v1/models/member0/versions/1:predict",
+                           json={"signature_name": "serving_default",
+                                 "instances": [{"x": row} for row in x.tolist()]}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    predictions = answer.json()["predictions"]
+    assert_outputs({k: [p[k] for p in predictions] for k in predictions[0]},
+                   reference("member0", x))
+
+
+def test_rest_columnar_format_answers_an_outputs_object(server, reference):
+    x = RNG.standard_normal((4, IN_DIM)).astype(np.float32)
+    for inputs in ({"x": x.tolist()}, x.tolist()):
+        answer = requests.post(f"{server.rest}/v1/models/member1:predict",
+                               json={"inputs": inputs}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert_outputs(answer.json()["outputs"], reference("member1", x))
+
+
+def test_unknown_signature_name_is_invalid_argument_on_both_protocols(server, stubs):
+    predict, _ = stubs
+    x = np.zeros((1, IN_DIM), np.float32)
+    with pytest.raises(grpc.RpcError) as caught:
+        predict.Predict(predict_request("member0", x, signature="nope"), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nope" in caught.value.details()
+    answer = requests.post(f"{server.rest}/v1/models/plain0:predict",
+                           json={"signature_name": "nope", "instances": x.tolist()}, timeout=30)
+    assert answer.status_code == 400 and "nope" in answer.json()["error"]
+
+
+def test_model_status_lists_the_loaded_versions_on_both_protocols(server, stubs):
+    _, models = stubs
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = "both_versions"
+    status = models.GetModelStatus(request, timeout=30)
+    assert sorted(s.version for s in status.model_version_status) == [1, 2]
+    assert all(s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+               for s in status.model_version_status)
+    answer = requests.get(f"{server.rest}/v1/models/member2", timeout=30).json()
+    assert answer == {"model_version_status": [
+        {"version": "1", "state": "AVAILABLE",
+         "status": {"error_code": "OK", "error_message": ""}}]}
+    answer = requests.get(f"{server.rest}/v1/models/both_versions/versions/2", timeout=30)
+    assert [s["version"] for s in answer.json()["model_version_status"]] == ["2"]
+
+
+def _member_signature(zoo, name):
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        meta = tf.compat.v1.saved_model.loader.load(session, ["serve"],
+                                                    f"{zoo['members'][name]}/1")
+    return meta.signature_def["serving_default"]
+
+
+def test_metadata_of_a_member_matches_the_member_signature(server, stubs, zoo):
+    predict, _ = stubs
+    expected = _member_signature(zoo, "member1")
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = "member1"
+    response = predict.GetModelMetadata(request, timeout=30)
+    assert response.model_spec.version.value == 1
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(signatures)
+    got = signatures.signature_def["serving_default"]
+    for got_map, want_map in ((got.inputs, expected.inputs), (got.outputs, expected.outputs)):
+        assert set(got_map) == set(want_map)
+        for key in want_map:
+            assert got_map[key].dtype == want_map[key].dtype
+            assert got_map[key].tensor_shape == want_map[key].tensor_shape
+    answer = requests.get(f"{server.rest}/v1/models/member1/metadata", timeout=30).json()
+    assert answer["model_spec"]["name"] == "member1" and answer["model_spec"]["version"] == "1"
+    rest_signature = answer["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert set(rest_signature["inputs"]) == {"x"}
+    assert rest_signature["inputs"]["x"]["dtype"] == "DT_FLOAT"
+    assert set(rest_signature["outputs"]) == {"logits", "probs"}
+
+
+def test_newest_version_directory_is_served_and_older_ones_are_not(server, stubs, reference):
+    predict, _ = stubs
+    x = RNG.standard_normal((2, IN_DIM)).astype(np.float32)
+    response = predict.Predict(predict_request("versioned", x), timeout=30)
+    assert response.model_spec.version.value == 2
+    assert_outputs({k: tf.make_ndarray(v) for k, v in response.outputs.items()},
+                   reference("member1", x))  # version 2 holds member1's model
+    with pytest.raises(grpc.RpcError) as caught:
+        predict.Predict(predict_request("versioned", x, version=1), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_versions_and_labels_select_the_model_version(server, stubs, reference):
+    predict, _ = stubs
+    x = RNG.standard_normal((1, IN_DIM)).astype(np.float32)
+    old = predict.Predict(predict_request("both_versions", x, version=1), timeout=30)
+    assert_outputs({k: tf.make_ndarray(v) for k, v in old.outputs.items()},
+                   reference("member0", x))
+    stable = predict.Predict(predict_request("both_versions", x, label="stable"), timeout=30)
+    assert stable.model_spec.version.value == 1
+    answer = requests.post(f"{server.rest}/v1/models/both_versions/labels/canary:predict",
+                           json={"inputs": x.tolist()}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert_outputs(answer.json()["outputs"], reference("member1", x))
+    answer = requests.post(f"{server.rest}/v1/models/both_versions/labels/nope:predict",
+                           json={"inputs": x.tolist()}, timeout=30)
+    assert answer.status_code == 400 and "nope" in answer.json()["error"]
+
+
+def test_classify_and_regress_answer_unimplemented(server, stubs):
+    predict, _ = stubs
+    for call, request in ((predict.Classify, classification_pb2.ClassificationRequest()),
+                          (predict.Regress, regression_pb2.RegressionRequest())):
+        request.model_spec.name = "member0"
+        with pytest.raises(grpc.RpcError) as caught:
+            call(request, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    answer = requests.post(f"{server.rest}/v1/models/member0:classify",
+                           json={"examples": [{"x": 1.0}]}, timeout=30)
+    assert answer.status_code == 501 and "error" in answer.json()
+
+
+def test_prometheus_page_counts_requests_and_merged_batches(server, stubs):
+    predict, _ = stubs
+    x = np.ones((1, IN_DIM), np.float32)
+    for name in ("member0", "member1"):
+        predict.Predict(predict_request(name, x), timeout=30)
+    page = requests.get(f"{server.rest}/monitoring/prometheus/metrics", timeout=30)
+    assert page.status_code == 200
+    text = page.text
+    line = next(l for l in text.splitlines() if l.startswith(
+        ':tensorflow:serving:request_count{model_name="member0",API="predict",'
+        'entrypoint="GRPC",status="OK"}'))
+    assert int(line.split()[-1]) >= 1
+    assert ':tensorflow:serving:request_latency_bucket{model_name="member0"' in text
+    assert ':tfweave:serving:batch_size_count{model_name="merged"}' in text
+    assert ':tfweave:serving:queue_depth{model_name="merged"}' in text
