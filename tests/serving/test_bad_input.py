@@ -1,0 +1,221 @@
+"""Bad requests get TF Serving's error code and shape, and the server keeps serving.
+
+Every test sends a good request before and after its bad one (``assert_serving``), over both
+protocols, so a bad request that broke the server (a dead thread, a poisoned batch, a desynced
+keep-alive connection) fails the test that sent it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import grpc
+import numpy as np
+import pytest
+import requests
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from model_fixtures import IN_DIM
+
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def server(zoo, start_server):
+    return start_server(["--model_name", "merged", "--model_base_path", zoo["merged"],
+                         "--enable_batching", "--max_request_bytes", str(MAX_REQUEST_BYTES)])
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    channel = grpc.insecure_channel(server.grpc)
+    yield prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    session = requests.Session()   # keep-alive: a desynced connection would show up
+    yield session
+    session.close()
+
+
+def _request(name="member0", x=None, **inputs):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    if x is not None:
+        inputs["x"] = x
+    for key, value in inputs.items():
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+    return request
+
+
+@pytest.fixture
+def assert_serving(server, stub, http, reference):
+    rng = np.random.default_rng(7)
+
+    def check():
+        assert server.alive()
+        x = rng.standard_normal((2, IN_DIM)).astype(np.float32)
+        expected = reference("member2", x)
+        response = stub.Predict(_request("member2", x), timeout=30)
+        np.testing.assert_allclose(tf.make_ndarray(response.outputs["logits"]),
+                                   expected["logits"], rtol=1e-5, atol=1e-6)
+        answer = http.post(f"{server.rest}/v1/models/member2:predict",
+                           json={"instances": x.tolist()}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        np.testing.assert_allclose([p["logits"] for p in answer.json()["predictions"]],
+                                   expected["logits"], rtol=1e-5, atol=1e-6)
+
+    check()
+    yield check
+    check()
+
+
+def _grpc_error(call, request) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call(request, timeout=30)
+    return caught.value
+
+
+def _rest_error(response, status: int) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str)
+    return body["error"]
+
+
+def test_unknown_model_is_not_found(server, stub, http, assert_serving):
+    error = _grpc_error(stub.Predict, _request("nope", np.zeros((1, IN_DIM), np.float32)))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "nope" in error.details()
+    message = _rest_error(http.post(f"{server.rest}/v1/models/nope:predict",
+                                    json={"instances": [[0.0] * IN_DIM]}), 404)
+    assert "nope" in message
+    _rest_error(http.get(f"{server.rest}/v1/models/nope"), 404)
+
+
+def test_unknown_version_is_not_found(server, stub, http, assert_serving):
+    request = _request("member0", np.zeros((1, IN_DIM), np.float32))
+    request.model_spec.version.value = 7
+    error = _grpc_error(stub.Predict, request)
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    _rest_error(http.post(f"{server.rest}/v1/models/member0/versions/7:predict",
+                          json={"instances": [[0.0] * IN_DIM]}), 404)
+    _rest_error(http.get(f"{server.rest}/v1/models/member0/versions/7"), 404)
+
+
+def test_wrong_dtype_is_invalid_argument(server, stub, http, assert_serving):
+    error = _grpc_error(stub.Predict, _request("member0", np.zeros((1, IN_DIM), np.int32)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "to be float but int32 is provided" in error.details()
+    message = _rest_error(http.post(f"{server.rest}/v1/models/member0:predict",
+                                    json={"instances": [["a"] * IN_DIM]}), 400)
+    assert "is not of expected type: float" in message
+
+
+def test_wrong_shape_is_invalid_argument(server, stub, http, assert_serving):
+    error = _grpc_error(stub.Predict, _request("member1", np.zeros((2, IN_DIM + 1), np.float32)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "shape" in error.details()
+    ragged = {"instances": [[0.0] * IN_DIM, [0.0] * (IN_DIM - 1)]}
+    message = _rest_error(http.post(f"{server.rest}/v1/models/member1:predict", json=ragged),
+                          400)
+    assert "Expecting shape" in message
+    _rest_error(http.post(f"{server.rest}/v1/models/member1:predict",
+                          json={"inputs": [[0.0] * (IN_DIM + 1)]}), 400)
+
+
+def test_missing_and_extra_inputs_are_invalid_argument(server, stub, http, assert_serving):
+    error = _grpc_error(stub.Predict, _request("member0"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Missing but required: {x}" in error.details()
+    x = np.zeros((1, IN_DIM), np.float32)
+    error = _grpc_error(stub.Predict, _request("member0", x, y=x))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Sent extra: {y}" in error.details()
+    message = _rest_error(http.post(f"{server.rest}/v1/models/member0:predict",
+                                    json={"inputs": {"z": [[0.0] * IN_DIM]}}), 400)
+    assert "Missing named input: x" in message
+    message = _rest_error(http.post(f"{server.rest}/v1/models/member0:predict",
+                                    json={"signature_name": "serving_default"}), 400)
+    assert "Missing 'inputs' or 'instances' key" in message
+
+
+def test_malformed_json_is_invalid_argument(server, http, assert_serving):
+    url = f"{server.rest}/v1/models/member0:predict"
+    assert "JSON Parse error" in _rest_error(http.post(url, data=b'{"instances": [1,'), 400)
+    assert "JSON Parse error" in _rest_error(http.post(url, data=b""), 400)
+    assert "Is not object" in _rest_error(http.post(url, data=b"[1, 2]"), 400)
+    both = {"instances": [[0.0] * IN_DIM], "inputs": [[0.0] * IN_DIM]}
+    assert "only one of" in _rest_error(http.post(url, json=both), 400)
+    _rest_error(http.post(url, data=json.dumps({"instances": []})), 400)
+
+
+def test_malformed_protobuf_fails_the_call_and_not_the_server(server, assert_serving):
+    channel = grpc.insecure_channel(server.grpc)
+    raw = channel.unary_unary("/tensorflow.serving.PredictionService/Predict",
+                              request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as caught:
+        raw(b"\xff\xff\xff\x0f garbage that is not a PredictRequest", timeout=30)
+    assert caught.value.code() != grpc.StatusCode.OK
+    # A well-formed message whose tensor content contradicts its shape.
+    request = _request("member0", np.zeros((1, IN_DIM), np.float32))
+    request.inputs["x"].tensor_content = b"\x00" * 5
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    error = _grpc_error(stub.Predict, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tensor parsing error" in error.details()
+    channel.close()
+
+
+def test_oversized_payload_is_rejected_on_both_protocols(server, stub, http, assert_serving):
+    rows = MAX_REQUEST_BYTES // (4 * IN_DIM) + 100
+    big = np.zeros((rows, IN_DIM), np.float32)
+    error = _grpc_error(stub.Predict, _request("member0", big))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    message = _rest_error(http.post(f"{server.rest}/v1/models/member0:predict",
+                                    json={"instances": big.tolist()}), 413)
+    assert "max_request_bytes" in message
+
+
+def test_unknown_rest_paths_answer_tf_servings_error_shape(server, http, assert_serving):
+    _rest_error(http.get(f"{server.rest}/v1/models"), 400)
+    _rest_error(http.post(f"{server.rest}/v1/models/member0:explain", json={}), 400)
+    assert http.get(f"{server.rest}/not/v1").status_code == 404
+
+
+def _raw_http(server, data: bytes, *, read_answer: bool) -> bytes:
+    with socket.create_connection(("127.0.0.1", server.rest_port), timeout=30) as sock:
+        sock.sendall(data)
+        if not read_answer:
+            return b""
+        return sock.recv(65536)
+
+
+def test_clients_that_disconnect_mid_request_do_not_hurt_others(server, stub, assert_serving):
+    body = json.dumps({"instances": [[0.5] * IN_DIM]}).encode()
+    head = (b"POST /v1/models/member1:predict HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: ")
+    # 1) gone in the middle of the body
+    _raw_http(server, head + b"5000\r\n\r\n" + body[:20], read_answer=False)
+    # 2) gone in the middle of the headers
+    _raw_http(server, head[:30], read_answer=False)
+    # 3) a whole request, gone before reading the answer
+    _raw_http(server, head + str(len(body)).encode() + b"\r\n\r\n" + body, read_answer=False)
+    # 4) gRPC calls abandoned by their clients, queued or running
+    x = np.zeros((1, IN_DIM), np.float32)
+    futures = [stub.Predict.future(_request("member1", x), timeout=30) for _ in range(20)]
+    for future in futures:
+        future.cancel()
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Predict(_request("member1", x), timeout=0.0001)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(0.2)
+    # A pipelined keep-alive exchange still works byte for byte.
+    answer = _raw_http(server, head + str(len(body)).encode() + b"\r\n\r\n" + body,
+                       read_answer=True)
+    assert answer.startswith(b"HTTP/1.1 200")
