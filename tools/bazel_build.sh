@@ -31,6 +31,19 @@ if ! command -v bazel >/dev/null 2>&1; then
   exit 2
 fi
 
+# Every op family (a tf_ops/<family>/ops folder, as python -m tfweave.ops.build finds them) must
+# have its BUILD file, or Bazel would silently leave it out.
+for ops_dir in tf_ops/*/ops; do
+  family_dir="$(dirname "$ops_dir")"
+  if [ ! -e "$family_dir/BUILD" ] && [ ! -e "$family_dir/BUILD.bazel" ]; then
+    family="$(basename "$family_dir")"
+    echo "tools/bazel_build.sh: $family_dir has no BUILD file, so Bazel would not build it; add:" >&2
+    echo "  load(\"//tf_ops:tfweave_op.bzl\", \"tfweave_op_library\")" >&2
+    echo "  tfweave_op_library(name = \"$family\", tests = [\"tests/<part>/test_<op>*.py\"])" >&2
+    exit 1
+  fi
+done
+
 # Read from package metadata (no TensorFlow import): a change of version reconfigures
 # @local_tensorflow, so libraries are never built against headers of another TensorFlow.
 tf_version="$("$python" -c 'import importlib.metadata as m; print(m.version("tensorflow"))')"
