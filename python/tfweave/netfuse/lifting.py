@@ -1,0 +1,986 @@
+"""The merge pass: re-emits one member's frozen graph lifted over a model axis of size N.
+
+Every tensor of the reference graph becomes a :class:`Value` in one of these layouts:
+
+- ``SHARED``: the same for all members (constants, shape arithmetic): the original op is copied.
+- ``MODEL_CONST``: a per-model weight, ``[N, ...]`` in numpy until a rule asks for it in the
+  layout it wants (rules store weights pre-transposed, so no weight is reshuffled per call).
+- ``STACKED``: ``[N, ...original shape]``, the model axis in front.
+- ``CHANNELS``: ``[..., N*C]``, the model axis folded into the last (channel) axis, model-major.
+  Convolutions become one grouped convolution in this layout, and per-channel elementwise ops,
+  pooling and spatial reductions keep it, so a CNN runs without transposes between layers.
+- ``MEMBERS``: N separate tensors (the signature inputs), turned into either layout cheaply.
+
+Each op consuming a per-model value has a rule (``RULES``); an op without one is an error naming
+the op and node. No rule emits control flow: the merged graph has no loops.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import string
+
+import numpy as np
+
+from tfweave.netfuse.errors import UnsupportedOpError
+from tfweave.netfuse.isomorphism import PASS_THROUGH_OPS, data_inputs, resolve, tensor_of
+
+LOG = logging.getLogger("tfweave.netfuse")
+
+SHARED, MODEL_CONST, STACKED, CHANNELS, MEMBERS = "shared", "model_const", "stacked", \
+    "channels", "members"
+
+# Shared constants up to this many elements are inlined as Const nodes; larger ones are stored
+# once as a variable (a GraphDef is limited to 2 GB and constants bloat it).
+INLINE_CONSTANT_LIMIT = 4096
+
+
+class Value:
+    __slots__ = ("kind", "tensor", "array", "members", "key")
+
+    def __init__(self, kind, tensor=None, array=None, members=None, key=""):
+        self.kind, self.tensor, self.array, self.members, self.key = \
+            kind, tensor, array, members, key
+
+    @property
+    def per_model(self) -> bool:
+        return self.kind != SHARED
+
+    def __repr__(self):
+        return f"Value({self.kind}, key={self.key!r})"
+
+
+class WeightStore:
+    """Hands rules the merged model's weights.
+
+    Variables cannot be created while tf.function traces, so a merge traces twice: first in a
+    scratch graph with ``recording=True`` (each weight becomes a placeholder of its shape and the
+    array is kept), then, once :meth:`create_variables` has made the variables, for real.
+    """
+
+    def __init__(self):
+        self.recording = True
+        self.arrays: dict[str, np.ndarray] = {}
+        self.variables: dict = {}
+        self._names: dict[str, str] = {}
+
+    def get(self, key: str, make_array):
+        import tensorflow as tf
+        if self.recording:
+            if key not in self.arrays:
+                self.arrays[key] = np.ascontiguousarray(make_array())
+            array = self.arrays[key]
+            return tf.compat.v1.placeholder(tf.as_dtype(array.dtype), array.shape)
+        if key not in self.variables:
+            raise KeyError(f"weight {key} was not planned (the two traces differ)")
+        return tf.convert_to_tensor(self.variables[key])
+
+    def create_variables(self) -> list:
+        import tensorflow as tf
+        used: set[str] = set()
+        for key, array in self.arrays.items():
+            base = re.sub(r"[^A-Za-z0-9_.\-/]", "_", key)[-120:].strip("/") or "weight"
+            name, counter = base, 1
+            while name in used:
+                counter += 1
+                name = f"{base}_{counter}"
+            used.add(name)
+            self.variables[key] = tf.Variable(array, trainable=False, name=name)
+        self.arrays = {}
+        self.recording = False
+        return list(self.variables.values())
+
+    def nbytes(self) -> int:
+        if self.recording:
+            return sum(a.nbytes for a in self.arrays.values())
+        return sum(v.dtype.size * int(np.prod(v.shape)) for v in self.variables.values())
+
+
+def _static(shape) -> list | None:
+    return None if shape.rank is None else shape.as_list()
+
+
+class Lifter:
+    """Emits the lifted graph into the current (function) graph."""
+
+    def __init__(self, num_models: int, store: WeightStore, use_channels: bool = True):
+        self.n = num_models
+        self.store = store
+        self.use_channels = use_channels
+
+    # ---- values and layouts -------------------------------------------------------------
+    def shape(self, v: Value) -> list | None:
+        """The member's (original) static shape of ``v``; None if the rank is unknown."""
+        if v.kind == SHARED:
+            return list(v.array.shape) if v.array is not None else _static(v.tensor.shape)
+        if v.kind == MODEL_CONST:
+            return list(v.array.shape[1:])
+        if v.kind == MEMBERS:
+            return _static(v.members[0].shape)
+        shape = _static(v.tensor.shape)
+        if shape is None:
+            return None
+        if v.kind == STACKED:
+            return shape[1:]
+        last = shape[-1]
+        return shape[:-1] + [None if last is None else last // self.n]
+
+    def rank(self, v: Value, node) -> int:
+        shape = self.shape(v)
+        if shape is None:
+            raise UnsupportedOpError(node.op, node.name, "an input's rank is not known statically")
+        return len(shape)
+
+    def shared(self, v: Value):
+        """A SHARED value as a tensor."""
+        import tensorflow as tf
+        assert v.kind == SHARED, v
+        if v.tensor is None:
+            if v.array.size <= INLINE_CONSTANT_LIMIT:
+                v.tensor = tf.constant(v.array)
+            else:
+                v.tensor = self.store.get(f"shared/{v.key}", lambda: v.array)
+        return v.tensor
+
+    def weight(self, v: Value, transform: str, fn):
+        """A per-model constant transformed by ``fn`` (numpy), as a stored weight."""
+        return self.store.get(f"{v.key}/{transform}", lambda: fn(v.array))
+
+    def stacked(self, v: Value, rank: int | None = None):
+        """``[N, 1 ... 1, *shape]``: ``v`` with the model axis in front, padded to ``rank``."""
+        import tensorflow as tf
+        own = len(self.shape(v))
+        extra = 0 if rank is None else rank - own
+        if v.kind == MODEL_CONST:
+            return self.weight(v, f"stacked{extra}", lambda a: a.reshape(
+                (self.n,) + (1,) * extra + a.shape[1:]))
+        if v.kind == SHARED:
+            t = self.shared(v)
+            t = tf.tile(t[None], [self.n] + [1] * own)
+        elif v.kind == MEMBERS:
+            t = tf.stack(v.members)
+        elif v.kind == CHANNELS:
+            t = self._channels_to_stacked(v.tensor)
+        else:
+            t = v.tensor
+        for _ in range(extra):
+            t = tf.expand_dims(t, 1)
+        return t
+
+    def _channels_to_stacked(self, t):
+        import tensorflow as tf
+        shape = _static(t.shape)
+        r = len(shape)
+        dyn = tf.shape(t)
+        split = tf.reshape(t, tf.concat([dyn[:-1], [self.n, -1]], 0))
+        out = tf.transpose(split, [r - 1] + list(range(r - 1)) + [r])
+        last = shape[-1]
+        out.set_shape([self.n] + shape[:-1] + [None if last is None else last // self.n])
+        return out
+
+    def _stacked_to_channels(self, t):
+        import tensorflow as tf
+        shape = _static(t.shape)
+        r = len(shape) - 1
+        moved = tf.transpose(t, list(range(1, r)) + [0, r])
+        out = tf.reshape(moved, tf.concat([tf.shape(moved)[:-2], [-1]], 0))
+        last = shape[-1]
+        out.set_shape(shape[1:-1] + [None if last is None else last * self.n])
+        return out
+
+    def channels(self, v: Value, channels: int | None = None):
+        """``[..., N*C]`` layout. A SHARED or MODEL_CONST value whose last dim is 1 is
+        broadcast to ``channels`` first."""
+        import tensorflow as tf
+        n = self.n
+        if v.kind == CHANNELS:
+            return v.tensor
+        if v.kind == MEMBERS:
+            return tf.concat(v.members, axis=-1)
+        if v.kind == STACKED:
+            return self._stacked_to_channels(v.tensor)
+        shape = self.shape(v)
+        if v.kind == MODEL_CONST:
+            def to_channels(a):
+                if a.ndim == 1:
+                    a = a.reshape(n, 1)
+                if a.shape[-1] != channels:
+                    a = np.broadcast_to(a, a.shape[:-1] + (channels,))
+                return np.moveaxis(a, 0, -2).reshape(a.shape[1:-1] + (n * channels,))
+            return self.weight(v, f"channels{channels}", to_channels)
+        # SHARED
+        if not shape or shape[-1] == 1:
+            return self.shared(v)  # broadcasts over N*C as it is
+        if v.array is not None:
+            tiled = np.tile(v.array, (1,) * (v.array.ndim - 1) + (n,))
+            return self.shared(Value(SHARED, array=tiled, key=v.key + "/tiled"))
+        return tf.tile(self.shared(v), [1] * (len(shape) - 1) + [n])
+
+    def fold(self, t):
+        """``[N, B, ...]`` -> ``[N*B, ...]``."""
+        import tensorflow as tf
+        shape = _static(t.shape)
+        out = tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0))
+        out.set_shape([None if None in shape[:2] else shape[0] * shape[1]] + shape[2:])
+        return out
+
+    def unfold(self, t):
+        """``[N*B, ...]`` -> ``[N, B, ...]``."""
+        import tensorflow as tf
+        shape = _static(t.shape)
+        out = tf.reshape(t, tf.concat([[self.n, -1], tf.shape(t)[1:]], 0))
+        first = None if shape[0] is None else shape[0] // self.n
+        out.set_shape([self.n, first] + shape[1:])
+        return out
+
+    # ---- emitting ops ---------------------------------------------------------------------
+    def clone(self, node, inputs, attrs=None, op_type=None):
+        """Emits ``node`` (or ``op_type`` with its attributes) on new inputs."""
+        import tensorflow as tf
+        graph = tf.compat.v1.get_default_graph()
+        attr = {k: v for k, v in node.attr.items() if not k.startswith("_")}
+        if attrs:
+            attr.update(attrs)
+        name = re.sub(r"[^A-Za-z0-9_.\-/]", "_", node.name).lstrip("_./-") or "op"
+        op = graph._create_op_internal(op_type or node.op, list(inputs), name=name, attrs=attr)
+        return op.outputs
+
+
+def attr_value(**kwargs):
+    """AttrValue protos for :meth:`Lifter.clone`."""
+    from tensorflow.core.framework import attr_value_pb2
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(value, bool):
+            out[key] = attr_value_pb2.AttrValue(b=value)
+        elif isinstance(value, int):
+            out[key] = attr_value_pb2.AttrValue(i=value)
+        elif isinstance(value, str):
+            out[key] = attr_value_pb2.AttrValue(s=value.encode())
+        elif isinstance(value, (list, tuple)):
+            out[key] = attr_value_pb2.AttrValue(
+                list=attr_value_pb2.AttrValue.ListValue(i=[int(x) for x in value]))
+        else:
+            raise TypeError(value)
+    return out
+
+
+# ---- helpers on SHARED index values ---------------------------------------------------------
+
+def _shift_axes(lx: Lifter, v: Value):
+    """Axis operands after a model axis is put in front: non-negative axes move by one."""
+    import tensorflow as tf
+    if v.array is not None:
+        a = np.asarray(v.array)
+        return Value(SHARED, array=np.where(a >= 0, a + 1, a).astype(a.dtype), key=v.key + "+1")
+    t = lx.shared(v)
+    return Value(SHARED, tensor=tf.where(t >= 0, t + 1, t))
+
+
+def _prepend(lx: Lifter, v: Value, first):
+    """A shape-like vector with ``first`` (a number or a row) put in front."""
+    import tensorflow as tf
+    if v.array is not None:
+        a = np.asarray(v.array)
+        head = np.asarray([first], dtype=a.dtype)
+        return lx.shared(Value(SHARED, array=np.concatenate([head, a], 0), key=v.key + "+head"))
+    t = lx.shared(v)
+    return tf.concat([tf.constant([first], dtype=t.dtype), t], 0)
+
+
+def _require_shared(node, v: Value, what: str):
+    if v.per_model:
+        raise UnsupportedOpError(node.op, node.name,
+                                 f"its {what} differs between the members")
+
+
+def _static_int(v: Value):
+    if v.kind == SHARED and v.array is not None and np.asarray(v.array).ndim == 0:
+        return int(v.array)
+    return None
+
+
+# ---- rules ------------------------------------------------------------------------------
+RULES: dict = {}
+
+
+def rule(*ops):
+    def register(fn):
+        for op in ops:
+            RULES[op] = fn
+        return fn
+    return register
+
+
+UNARY_OPS = (
+    "Relu", "Relu6", "Elu", "Selu", "Tanh", "Sigmoid", "Exp", "Expm1", "Log", "Log1p", "Sqrt",
+    "Rsqrt", "Neg", "Abs", "Square", "Erf", "Erfc", "Softplus", "Softsign", "Cast", "LeakyRelu",
+    "Floor", "Ceil", "Round", "Rint", "Sign", "Reciprocal", "Inv", "Sin", "Cos", "Tan", "Atan",
+    "IsNan", "IsInf", "IsFinite", "LogicalNot", "StopGradient", "PreventGradient", "ZerosLike",
+    "OnesLike", "CheckNumerics", "Mish", "Softsign", "Acos", "Asin", "Sinh", "Cosh", "Atanh",
+    "Asinh", "Acosh", "Lgamma", "Digamma", "BesselI0e", "BesselI1e",
+)
+
+BINARY_OPS = (
+    "Add", "AddV2", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "MulNoNan", "Maximum",
+    "Minimum", "Pow", "SquaredDifference", "FloorDiv", "FloorMod", "TruncateDiv", "TruncateMod",
+    "Less", "LessEqual", "Greater", "GreaterEqual", "Equal", "NotEqual", "LogicalAnd",
+    "LogicalOr", "SelectV2", "Atan2", "Xdivy", "Xlogy", "Xlog1py", "BitwiseAnd", "BitwiseOr",
+)
+
+
+@rule(*UNARY_OPS)
+def _unary(lx: Lifter, node, ins):
+    v = ins[0]
+    if v.kind == CHANNELS:
+        return [Value(CHANNELS, lx.clone(node, [v.tensor])[0])]
+    return [Value(STACKED, lx.clone(node, [lx.stacked(v)])[0])]
+
+
+def _broadcast_shape(shapes):
+    rank = max(len(s) for s in shapes)
+    out = []
+    for axis in range(rank):
+        dims = [s[axis - rank + len(s)] for s in shapes if axis - rank + len(s) >= 0]
+        known = [d for d in dims if d is not None and d != 1]
+        out.append(known[0] if known else (None if None in dims else 1))
+    return out
+
+
+def _channels_ok(lx: Lifter, ins, shapes, out_shape) -> bool:
+    if not lx.use_channels or not any(v.kind == CHANNELS for v in ins) or not out_shape:
+        return False
+    c = out_shape[-1]
+    if c is None:
+        return False
+    for v, shape in zip(ins, shapes):
+        last = shape[-1] if shape else 1
+        if v.kind in (CHANNELS, STACKED, MEMBERS):
+            if last != c:
+                return False
+        elif last not in (1, c):
+            return False
+    return True
+
+
+def elementwise(lx: Lifter, node, ins, op_type=None):
+    """Broadcasting ops: per-model operands get the model axis, aligned by rank."""
+    shapes = [lx.shape(v) for v in ins]
+    if any(s is None for s in shapes):
+        raise UnsupportedOpError(node.op, node.name, "an input's rank is not known statically")
+    out_shape = _broadcast_shape(shapes)
+    if _channels_ok(lx, ins, shapes, out_shape):
+        c = out_shape[-1]
+        args = [lx.channels(v, c) if v.per_model else lx.channels(v, c) for v in ins]
+        return [Value(CHANNELS, lx.clone(node, args, op_type=op_type)[0])]
+    rank = len(out_shape)
+    args = [lx.stacked(v, rank) if v.per_model else lx.shared(v) for v in ins]
+    return [Value(STACKED, lx.clone(node, args, op_type=op_type)[0])]
+
+
+@rule(*BINARY_OPS)
+def _binary(lx, node, ins):
+    return elementwise(lx, node, ins)
+
+
+@rule("Select")
+def _select(lx, node, ins):
+    ranks = [lx.rank(v, node) for v in ins]
+    if ranks[0] != ranks[1]:
+        raise UnsupportedOpError(node.op, node.name, "Select with a vector condition")
+    return elementwise(lx, node, ins, op_type="SelectV2")
+
+
+@rule("ClipByValue")
+def _clip(lx, node, ins):
+    import tensorflow as tf
+    rank = max(lx.rank(v, node) for v in ins)
+    x, lo, hi = [lx.stacked(v, rank) if v.per_model else lx.shared(v) for v in ins]
+    return [Value(STACKED, tf.minimum(tf.maximum(x, lo), hi))]
+
+
+@rule("AddN")
+def _add_n(lx, node, ins):
+    import tensorflow as tf
+    rank = max(lx.rank(v, node) for v in ins)
+    stacked = [lx.stacked(v, rank) for v in ins]
+    target = tf.shape(stacked[0])
+    for t in stacked[1:]:
+        target = tf.broadcast_dynamic_shape(target, tf.shape(t))
+    args = [tf.broadcast_to(t, target) for t in stacked]
+    return [Value(STACKED, lx.clone(node, args)[0])]
+
+
+@rule("BiasAdd", "BiasAddV1")
+def _bias_add(lx, node, ins):
+    x, bias = ins
+    data_format = node.attr["data_format"].s.decode() if "data_format" in node.attr else "NHWC"
+    rank = lx.rank(x, node)
+    if data_format.startswith("NC") and rank > 2:
+        # bias runs along axis 1: give it trailing unit dims so plain broadcasting applies
+        trailing = rank - 2
+        if bias.kind == MODEL_CONST:
+            bias = Value(MODEL_CONST, array=bias.array.reshape(bias.array.shape + (1,) * trailing),
+                         key=bias.key + "/nc")
+        elif bias.kind == SHARED:
+            import tensorflow as tf
+            bias = Value(SHARED, tensor=tf.reshape(lx.shared(bias), [-1] + [1] * trailing))
+        else:
+            raise UnsupportedOpError(node.op, node.name, "per-model NCHW bias from data")
+    # Emitted as AddV2, never BiasAdd: Grappler's remapper would fuse Conv2D+BiasAdd(+Relu)
+    # into _FusedConv2D, which has no grouped-convolution CPU kernel without oneDNN.
+    return elementwise(lx, node, [x, bias], op_type="AddV2")
+
+
+def _to_plain_matmul_attrs(node):
+    return {k: v for k, v in node.attr.items() if k in ("T",)}
+
+
+@rule("MatMul")
+def _matmul(lx, node, ins):
+    import tensorflow as tf
+    a, b = ins
+    ta = node.attr["transpose_a"].b if "transpose_a" in node.attr else False
+    tb = node.attr["transpose_b"].b if "transpose_b" in node.attr else False
+    args = [lx.stacked(v) if v.per_model else lx.shared(v) for v in (a, b)]
+    out = tf.raw_ops.BatchMatMulV2(x=args[0], y=args[1], adj_x=ta, adj_y=tb)
+    return [Value(STACKED, out)]
+
+
+@rule("BatchMatMul", "BatchMatMulV2", "BatchMatMulV3")
+def _batch_matmul(lx, node, ins):
+    rank = max(lx.rank(v, node) for v in ins)
+    args = [lx.stacked(v, rank) if v.per_model else lx.shared(v) for v in ins]
+    op_type = "BatchMatMulV2" if node.op == "BatchMatMul" else node.op
+    return [Value(STACKED, lx.clone(node, args, op_type=op_type)[0])]
+
+
+@rule("Einsum")
+def _einsum(lx, node, ins):
+    equation = node.attr["equation"].s.decode().replace(" ", "")
+    lhs, arrow, out = equation.partition("->")
+    if not arrow:
+        raise UnsupportedOpError(node.op, node.name, "implicit-output einsum equations")
+    terms = lhs.split(",")
+    free = [c for c in string.ascii_letters if c not in equation]
+    if not free:
+        raise UnsupportedOpError(node.op, node.name, "no free letter for the model axis")
+    z = free[0]
+    new_terms, args = [], []
+    for term, v in zip(terms, ins):
+        if v.per_model:
+            new_terms.append(z + term)
+            args.append(lx.stacked(v))
+        else:
+            new_terms.append(term)
+            args.append(lx.shared(v))
+    new_equation = ",".join(new_terms) + "->" + z + out
+    return [Value(STACKED, lx.clone(node, args, attrs=attr_value(equation=new_equation))[0])]
+
+
+def _data_format(node) -> str:
+    return node.attr["data_format"].s.decode() if "data_format" in node.attr else "NHWC"
+
+
+def _conv_filter_to_grouped(n):
+    def transform(a):  # [N, kh, kw, cin_g, cout] -> [kh, kw, cin_g, N*cout]
+        moved = np.moveaxis(a, 0, -2)
+        return moved.reshape(moved.shape[:-2] + (n * a.shape[-1],))
+    return transform
+
+
+@rule("Conv2D")
+def _conv2d(lx, node, ins):
+    x, f = ins
+    if _data_format(node) != "NHWC":
+        raise UnsupportedOpError(node.op, node.name, "only NHWC convolutions are merged")
+    if f.per_model:
+        # Model axis folded into channels: one grouped convolution with N x groups.
+        xc = lx.channels(x, lx.shape(x)[-1])
+        if f.kind == MODEL_CONST:
+            fc = lx.weight(f, "grouped", _conv_filter_to_grouped(lx.n))
+        else:
+            raise UnsupportedOpError(node.op, node.name, "filters computed from inputs")
+        return [Value(CHANNELS, lx.clone(node, [xc, fc])[0])]
+    out = lx.clone(node, [lx.fold(lx.stacked(x)), lx.shared(f)])[0]
+    return [Value(STACKED, lx.unfold(out))]
+
+
+@rule("DepthwiseConv2dNative")
+def _depthwise(lx, node, ins):
+    x, f = ins
+    if _data_format(node) != "NHWC":
+        raise UnsupportedOpError(node.op, node.name, "only NHWC convolutions are merged")
+    if f.per_model:
+        if f.kind != MODEL_CONST:
+            raise UnsupportedOpError(node.op, node.name, "filters computed from inputs")
+        n = lx.n
+
+        def transform(a):  # [N, kh, kw, C, m] -> [kh, kw, N*C, m]
+            moved = np.moveaxis(a, 0, 2)
+            return moved.reshape(moved.shape[:2] + (n * a.shape[3], a.shape[4]))
+        xc = lx.channels(x, lx.shape(x)[-1])
+        return [Value(CHANNELS, lx.clone(node, [xc, lx.weight(f, "depthwise", transform)])[0])]
+    out = lx.clone(node, [lx.fold(lx.stacked(x)), lx.shared(f)])[0]
+    return [Value(STACKED, lx.unfold(out))]
+
+
+@rule("SpaceToBatchND", "BatchToSpaceND")
+def _space_to_batch(lx, node, ins):
+    # Dilated convolutions come wrapped in these. They move spatial blocks into the batch, so
+    # the model axis cannot stay in front; in the channel layout they never touch it.
+    x, block, pads = ins
+    _require_shared(node, block, "block shape")
+    _require_shared(node, pads, "paddings")
+    xc = lx.channels(x, lx.shape(x)[-1])
+    return [Value(CHANNELS, lx.clone(node, [xc, lx.shared(block), lx.shared(pads)])[0])]
+
+
+@rule("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
+def _fused_batch_norm(lx, node, ins):
+    import tensorflow as tf
+    x, scale, offset, mean, variance = ins[:5]
+    eps = node.attr["epsilon"].f if "epsilon" in node.attr else 1e-3
+    data_format = _data_format(node)
+    rank = lx.rank(x, node)
+    channel_axis = rank - 1 if data_format in ("NHWC", "NDHWC") else 1
+    training = node.attr["is_training"].b if "is_training" in node.attr else True
+    trailing = rank - 1 - channel_axis
+
+    def per_channel(v, key_suffix):
+        """``v`` ([C] per member) shaped to broadcast against x along its channel axis."""
+        if v.kind == MODEL_CONST:
+            return Value(MODEL_CONST, array=v.array.reshape(v.array.shape + (1,) * trailing),
+                         key=v.key + key_suffix)
+        if v.kind == SHARED:
+            if trailing == 0:
+                return v
+            if v.array is not None:
+                return Value(SHARED, array=v.array.reshape(v.array.shape + (1,) * trailing),
+                             key=v.key + key_suffix)
+            return Value(SHARED, tensor=tf.reshape(lx.shared(v), [-1] + [1] * trailing))
+        raise UnsupportedOpError(node.op, node.name, "batch-norm parameters computed from inputs")
+
+    if not training:
+        # Inference: y = x * a + b with a = scale / sqrt(var + eps), b = offset - mean * a,
+        # folded per member ahead of time.
+        params = (scale, offset, mean, variance)
+        if any(v.kind not in (SHARED, MODEL_CONST) or (v.kind == SHARED and v.array is None)
+               for v in params):
+            raise UnsupportedOpError(node.op, node.name, "batch-norm parameters from inputs")
+
+        def stack(v):
+            return v.array if v.kind == MODEL_CONST else np.broadcast_to(
+                v.array, (lx.n,) + v.array.shape)
+        s, o, m, var = (stack(v).astype(np.float32) for v in params)
+        a = s / np.sqrt(var + np.float32(eps))
+        b = o - m * a
+        key = scale.key or node.name
+        av = per_channel(Value(MODEL_CONST, array=a, key=key + "/bn_scale"), "")
+        bv = per_channel(Value(MODEL_CONST, array=b, key=key + "/bn_shift"), "")
+        mul_node = _FakeNode("Mul", node.name + "/scale", node.attr["T"])
+        add_node = _FakeNode("AddV2", node.name + "/shift", node.attr["T"])
+        (y,) = elementwise(lx, mul_node, [x, av])
+        (y,) = elementwise(lx, add_node, [y, bv])
+        return [y]
+    # Training mode (tf_keras LayerNormalization uses it): statistics per member and channel.
+    xs = lx.stacked(x)
+    axes = [a + 1 for a in range(rank) if a != channel_axis]
+    batch_mean = tf.reduce_mean(xs, axes, keepdims=True)
+    batch_var = tf.reduce_mean(tf.math.squared_difference(xs, batch_mean), axes, keepdims=True)
+    normed = (xs - batch_mean) * tf.math.rsqrt(batch_var + eps)
+    sv = per_channel(scale, "/bn")
+    ov = per_channel(offset, "/bn")
+    normed = normed * (lx.stacked(sv, rank) if sv.per_model else lx.shared(sv))
+    normed = normed + (lx.stacked(ov, rank) if ov.per_model else lx.shared(ov))
+    return [Value(STACKED, normed)]
+
+
+class _FakeNode:
+    """A node-like object for ops a rule emits that the reference graph does not have."""
+
+    def __init__(self, op, name, dtype_attr):
+        self.op, self.name = op, name
+        self.attr = {"T": dtype_attr}
+
+
+@rule("MaxPool", "AvgPool", "MaxPoolV2", "MaxPool3D", "AvgPool3D")
+def _pool(lx, node, ins):
+    x = ins[0]
+    extra = [lx.shared(v) for v in ins[1:]]  # MaxPoolV2's ksize/strides
+    if any(v.per_model for v in ins[1:]):
+        raise UnsupportedOpError(node.op, node.name, "pool sizes differ between members")
+    if x.kind in (CHANNELS, MEMBERS) and _data_format(node).endswith("C") and lx.use_channels:
+        return [Value(CHANNELS, lx.clone(node, [lx.channels(x)] + extra)[0])]
+    out = lx.clone(node, [lx.fold(lx.stacked(x))] + extra)[0]
+    return [Value(STACKED, lx.unfold(out))]
+
+
+@rule("Mean", "Sum", "Max", "Min", "Prod", "All", "Any", "EuclideanNorm")
+def _reduce(lx, node, ins):
+    x, axes = ins
+    _require_shared(node, axes, "reduction axes")
+    rank = lx.rank(x, node)
+    if x.kind == CHANNELS and axes.array is not None:
+        normalized = {int(a) % rank for a in np.ravel(axes.array)} if rank else set()
+        if rank - 1 not in normalized:
+            return [Value(CHANNELS, lx.clone(node, [x.tensor, lx.shared(axes)])[0])]
+    shifted = _shift_axes(lx, axes)
+    return [Value(STACKED, lx.clone(node, [lx.stacked(x), lx.shared(shifted)])[0])]
+
+
+@rule("ArgMax", "ArgMin", "Cumsum", "Cumprod")
+def _axis_op(lx, node, ins):
+    x, axis = ins
+    _require_shared(node, axis, "axis")
+    shifted = _shift_axes(lx, axis)
+    return [Value(STACKED, lx.clone(node, [lx.stacked(x), lx.shared(shifted)])[0])]
+
+
+@rule("Softmax", "LogSoftmax")
+def _softmax(lx, node, ins):
+    return [Value(STACKED, lx.clone(node, [lx.stacked(ins[0])])[0])]
+
+
+def _member_shape(lx, v, out_type):
+    import tensorflow as tf
+    if v.kind == MEMBERS:
+        return tf.shape(v.members[0], out_type=out_type)
+    if v.kind == STACKED:
+        return tf.shape(v.tensor, out_type=out_type)[1:]
+    if v.kind == CHANNELS:
+        s = tf.shape(v.tensor, out_type=out_type)
+        return tf.concat([s[:-1], s[-1:] // lx.n], 0)
+    if v.kind == MODEL_CONST:
+        return tf.constant(v.array.shape[1:], dtype=out_type)
+    raise AssertionError(v)
+
+
+@rule("Shape")
+def _shape(lx, node, ins):
+    import tensorflow as tf
+    out_type = tf.as_dtype(node.attr["out_type"].type) if "out_type" in node.attr else tf.int32
+    return [Value(SHARED, tensor=_member_shape(lx, ins[0], out_type))]
+
+
+@rule("ShapeN")
+def _shape_n(lx, node, ins):
+    import tensorflow as tf
+    out_type = tf.as_dtype(node.attr["out_type"].type) if "out_type" in node.attr else tf.int32
+    return [Value(SHARED, tensor=_member_shape(lx, v, out_type)) if v.per_model
+            else Value(SHARED, tensor=tf.shape(lx.shared(v), out_type=out_type)) for v in ins]
+
+
+@rule("Size")
+def _size(lx, node, ins):
+    import tensorflow as tf
+    out_type = tf.as_dtype(node.attr["out_type"].type) if "out_type" in node.attr else tf.int32
+    return [Value(SHARED, tensor=tf.reduce_prod(_member_shape(lx, ins[0], out_type)))]
+
+
+@rule("Rank")
+def _rank(lx, node, ins):
+    import tensorflow as tf
+    return [Value(SHARED, tensor=tf.constant(lx.rank(ins[0], node), tf.int32))]
+
+
+@rule("Reshape")
+def _reshape(lx, node, ins):
+    x, shape = ins
+    _require_shared(node, shape, "target shape")
+    return [Value(STACKED, lx.clone(node, [lx.stacked(x), _prepend(lx, shape, lx.n)])[0])]
+
+
+@rule("Transpose")
+def _transpose(lx, node, ins):
+    import tensorflow as tf
+    x, perm = ins
+    _require_shared(node, perm, "permutation")
+    if perm.array is not None:
+        p = np.asarray(perm.array)
+        new = lx.shared(Value(SHARED, array=np.concatenate([[0], p + 1]).astype(p.dtype),
+                              key=perm.key + "/model"))
+    else:
+        t = lx.shared(perm)
+        new = tf.concat([tf.zeros([1], t.dtype), t + 1], 0)
+    return [Value(STACKED, lx.clone(node, [lx.stacked(x), new])[0])]
+
+
+@rule("ExpandDims")
+def _expand_dims(lx, node, ins):
+    x, axis = ins
+    _require_shared(node, axis, "axis")
+    return [Value(STACKED, lx.clone(node, [lx.stacked(x), lx.shared(_shift_axes(lx, axis))])[0])]
+
+
+@rule("Squeeze")
+def _squeeze(lx, node, ins):
+    x = ins[0]
+    dims = list(node.attr["squeeze_dims"].list.i) if "squeeze_dims" in node.attr else []
+    shape = lx.shape(x)
+    if not dims:
+        if shape is None or None in shape:
+            raise UnsupportedOpError(node.op, node.name,
+                                     "Squeeze without axes on a tensor of unknown shape")
+        dims = [i for i, d in enumerate(shape) if d == 1]
+    new = [d + 1 if d >= 0 else d for d in dims]
+    return [Value(STACKED, lx.clone(node, [lx.stacked(x)],
+                                    attrs=attr_value(squeeze_dims=new))[0])]
+
+
+def _all_stacked(lx, node, values):
+    rank = max(lx.rank(v, node) for v in values)
+    return [lx.stacked(v) for v in values], rank
+
+
+@rule("ConcatV2")
+def _concat(lx, node, ins):
+    *values, axis = ins
+    _require_shared(node, axis, "axis")
+    args = [lx.stacked(v) for v in values]
+    return [Value(STACKED, lx.clone(node, args + [lx.shared(_shift_axes(lx, axis))])[0])]
+
+
+@rule("Pack")
+def _pack(lx, node, ins):
+    axis = node.attr["axis"].i
+    args = [lx.stacked(v) for v in ins]
+    return [Value(STACKED, lx.clone(node, args, attrs=attr_value(
+        axis=axis + 1 if axis >= 0 else axis))[0])]
+
+
+@rule("Unpack")
+def _unpack(lx, node, ins):
+    axis = node.attr["axis"].i
+    outs = lx.clone(node, [lx.stacked(ins[0])], attrs=attr_value(
+        axis=axis + 1 if axis >= 0 else axis))
+    return [Value(STACKED, t) for t in outs]
+
+
+@rule("Split")
+def _split(lx, node, ins):
+    axis, x = ins
+    _require_shared(node, axis, "axis")
+    outs = lx.clone(node, [lx.shared(_shift_axes(lx, axis)), lx.stacked(x)])
+    return [Value(STACKED, t) for t in outs]
+
+
+@rule("SplitV")
+def _split_v(lx, node, ins):
+    x, sizes, axis = ins
+    _require_shared(node, sizes, "split sizes")
+    _require_shared(node, axis, "axis")
+    outs = lx.clone(node, [lx.stacked(x), lx.shared(sizes), lx.shared(_shift_axes(lx, axis))])
+    return [Value(STACKED, t) for t in outs]
+
+
+@rule("StridedSlice")
+def _strided_slice(lx, node, ins):
+    x, begin, end, strides = ins
+    for v, what in ((begin, "begin"), (end, "end"), (strides, "strides")):
+        _require_shared(node, v, f"slice {what}")
+
+    def mask(name):
+        return node.attr[name].i if name in node.attr else 0
+    attrs = attr_value(
+        begin_mask=(mask("begin_mask") << 1) | 1, end_mask=(mask("end_mask") << 1) | 1,
+        ellipsis_mask=mask("ellipsis_mask") << 1, new_axis_mask=mask("new_axis_mask") << 1,
+        shrink_axis_mask=mask("shrink_axis_mask") << 1)
+    args = [lx.stacked(x), _prepend(lx, begin, 0), _prepend(lx, end, 0),
+            _prepend(lx, strides, 1)]
+    return [Value(STACKED, lx.clone(node, args, attrs=attrs)[0])]
+
+
+@rule("Slice")
+def _slice(lx, node, ins):
+    x, begin, size = ins
+    _require_shared(node, begin, "slice begin")
+    _require_shared(node, size, "slice size")
+    args = [lx.stacked(x), _prepend(lx, begin, 0), _prepend(lx, size, -1)]
+    return [Value(STACKED, lx.clone(node, args)[0])]
+
+
+@rule("Tile")
+def _tile(lx, node, ins):
+    x, multiples = ins
+    _require_shared(node, multiples, "multiples")
+    return [Value(STACKED, lx.clone(node, [lx.stacked(x), _prepend(lx, multiples, 1)])[0])]
+
+
+@rule("Pad", "PadV2", "MirrorPad")
+def _pad(lx, node, ins):
+    import tensorflow as tf
+    x, paddings = ins[:2]
+    rest = ins[2:]
+    _require_shared(node, paddings, "paddings")
+    for v in rest:
+        _require_shared(node, v, "pad value")
+    rest_t = [lx.shared(v) for v in rest]
+    if (x.kind in (CHANNELS, MEMBERS) and lx.use_channels and paddings.array is not None
+            and not np.any(np.asarray(paddings.array)[-1])):
+        return [Value(CHANNELS, lx.clone(node, [lx.channels(x), lx.shared(paddings)] + rest_t)[0])]
+    if paddings.array is not None:
+        p = np.asarray(paddings.array)
+        new = lx.shared(Value(SHARED, array=np.concatenate([np.zeros((1, 2), p.dtype), p]),
+                              key=paddings.key + "/model"))
+    else:
+        t = lx.shared(paddings)
+        new = tf.concat([tf.zeros([1, 2], t.dtype), t], 0)
+    return [Value(STACKED, lx.clone(node, [lx.stacked(x), new] + rest_t)[0])]
+
+
+@rule("BroadcastTo")
+def _broadcast_to(lx, node, ins):
+    x, shape = ins
+    _require_shared(node, shape, "target shape")
+    target_rank = lx.shape(shape)[0] if lx.shape(shape) else None
+    if target_rank is None:
+        raise UnsupportedOpError(node.op, node.name, "target rank unknown")
+    return [Value(STACKED, lx.clone(node, [lx.stacked(x, target_rank),
+                                           _prepend(lx, shape, lx.n)])[0])]
+
+
+@rule("OneHot")
+def _one_hot(lx, node, ins):
+    indices, depth, on, off = ins
+    for v, what in ((depth, "depth"), (on, "on value"), (off, "off value")):
+        _require_shared(node, v, what)
+    axis = node.attr["axis"].i
+    out = lx.clone(node, [lx.stacked(indices), lx.shared(depth), lx.shared(on), lx.shared(off)],
+                   attrs=attr_value(axis=axis + 1 if axis >= 0 else axis))
+    return [Value(STACKED, out[0])]
+
+
+@rule("GatherV2", "Gather")
+def _gather(lx, node, ins):
+    import tensorflow as tf
+    if node.op == "Gather":
+        params, indices = ins
+        axis_value, batch_dims = 0, 0
+    else:
+        params, indices, axis = ins
+        _require_shared(node, axis, "axis")
+        axis_value = _static_int(axis)
+        if axis_value is None:
+            raise UnsupportedOpError(node.op, node.name, "a gather axis computed at run time")
+        batch_dims = node.attr["batch_dims"].i if "batch_dims" in node.attr else 0
+    p_rank = lx.rank(params, node)
+    if axis_value < 0:
+        axis_value += p_rank
+    i_rank = lx.rank(indices, node)
+    if batch_dims < 0:
+        batch_dims += i_rank
+    if params.kind == MODEL_CONST and axis_value == 0 and batch_dims == 0:
+        # Embedding lookup: one table of N*V rows, each member's ids offset by its block.
+        vocab = params.array.shape[1]
+        table = lx.weight(params, "table", lambda a: a.reshape((-1,) + a.shape[2:]))
+        ids = lx.stacked(indices)
+        offsets = tf.reshape(tf.range(lx.n, dtype=ids.dtype) * tf.cast(vocab, ids.dtype),
+                             [lx.n] + [1] * i_rank)
+        out = tf.raw_ops.GatherV2(params=table, indices=ids + offsets,
+                                  axis=tf.constant(0, tf.int32), batch_dims=0)
+        return [Value(STACKED, out)]
+    if params.kind == SHARED and axis_value == 0 and batch_dims == 0:
+        out = tf.raw_ops.GatherV2(params=lx.shared(params), indices=lx.stacked(indices),
+                                  axis=tf.constant(0, tf.int32), batch_dims=0)
+        return [Value(STACKED, out)]
+    if indices.kind == SHARED and batch_dims == 0:
+        out = tf.raw_ops.GatherV2(params=lx.stacked(params), indices=lx.shared(indices),
+                                  axis=tf.constant(axis_value + 1, tf.int32), batch_dims=0)
+        return [Value(STACKED, out)]
+    out = tf.raw_ops.GatherV2(params=lx.stacked(params), indices=lx.stacked(indices),
+                              axis=tf.constant(axis_value + 1, tf.int32),
+                              batch_dims=batch_dims + 1)
+    return [Value(STACKED, out)]
+
+
+def supported_ops() -> list[str]:
+    """Ops NetFuse can lift when they consume per-model tensors (any op may run on shared
+    values, e.g. shape arithmetic)."""
+    return sorted(RULES)
+
+
+# ---- driver -------------------------------------------------------------------------------
+
+class LiftPlan:
+    """What lifting needs from the analysis: the reference member, its weights and order."""
+
+    def __init__(self, reference, weights, constants, reachable):
+        self.reference = reference
+        self.weights = weights
+        self.constants = constants
+        self.order = _topological(reference, reachable, constants)
+
+
+def _topological(member, reachable, constants) -> list[str]:
+    nodes = member.node_map()
+    order, state = [], {}
+    roots = [resolve(nodes, tensor_of(t.tensor))[0] for t in member.outputs]
+    for root in roots:
+        stack = [(root, False)]
+        while stack:
+            name, done = stack.pop()
+            if done:
+                state[name] = 2
+                order.append(name)
+                continue
+            if state.get(name) or name in constants:
+                continue
+            state[name] = 1
+            stack.append((name, True))
+            node = nodes[name]
+            if node.op in PASS_THROUGH_OPS:
+                continue
+            for tensor in data_inputs(node):
+                source = resolve(nodes, tensor)[0]
+                if not state.get(source) and source not in constants:
+                    stack.append((source, False))
+    return [name for name in order if nodes[name].op not in PASS_THROUGH_OPS]
+
+
+def lift(plan: LiftPlan, lifter: Lifter, inputs: dict[str, Value]) -> dict[str, Value]:
+    """Emits the lifted graph for ``inputs`` (signature input key -> Value) and returns the
+    signature outputs (key -> Value)."""
+    member = plan.reference
+    nodes = member.node_map()
+    values: dict[tuple[str, int], Value] = {}
+    for info in member.inputs:
+        values[tensor_of(info.tensor)] = inputs[info.name]
+    for tensor, array in plan.weights.shared.items():
+        values[tensor] = Value(SHARED, array=array, key=f"{tensor[0]}:{tensor[1]}")
+    for tensor, array in plan.weights.per_model.items():
+        values[tensor] = Value(MODEL_CONST, array=array, key=f"{tensor[0]}:{tensor[1]}")
+
+    def value_of(tensor, consumer):
+        tensor = resolve(nodes, tensor)
+        value = values.get(tensor)
+        if value is None:
+            producer = nodes[tensor[0]]
+            raise UnsupportedOpError(
+                producer.op, producer.name,
+                f"its output {tensor[1]} (read by '{consumer.name}') has no lifted form")
+        return value
+
+    for name in plan.order:
+        node = nodes[name]
+        if node.op == "Placeholder":
+            if tensor_of(name) not in values:
+                raise UnsupportedOpError(node.op, node.name, "a placeholder outside the "
+                                         "serving signature")
+            continue
+        ins = [value_of(t, node) for t in data_inputs(node)]
+        if not any(v.per_model for v in ins):
+            outs = [Value(SHARED, tensor=t) for t in lifter.clone(node, [lifter.shared(v)
+                                                                        for v in ins])]
+        else:
+            handler = RULES.get(node.op)
+            if handler is None:
+                raise UnsupportedOpError(node.op, node.name,
+                                         "no merge rule for this op on per-model tensors")
+            outs = handler(lifter, node, ins)
+        for index, value in enumerate(outs):
+            if value is not None:
+                values[(name, index)] = value
+    return {info.name: value_of(tensor_of(info.tensor), nodes[tensor_of(info.tensor)[0]])
+            for info in member.outputs}

@@ -1,0 +1,343 @@
+"""Building, saving and loading a merged SavedModel.
+
+On-disk contract (the ``tfweave serve`` part relies on it):
+
+- signature ``serving_default`` takes member i's input ``x`` as ``m{i}_x`` and returns its output
+  ``y`` as ``m{i}_y`` (or, with ``stacked=True``, one ``[N, B, ...]`` tensor per name). The
+  other form is always saved too, under signature ``prefixed`` / ``stacked``.
+- Members may send different batch sizes in the prefixed form: inputs are zero-padded to the
+  largest batch, run as one ``[N, B_max, ...]`` batch, and each output is sliced back to its
+  member's batch (members with an empty batch cost only their padding).
+- ``assets/netfuse.json``: ``{"format": 1, "members": [{"name", "source", "index"}],
+  "inputs": {name: {"dtype", "shape"}}, "outputs": {...}, "signatures": {...}, "mode": ...}``.
+- Stock TensorFlow ops only (mode ``"stock"``), so an unmodified TF Serving loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Callable, Iterable
+
+import numpy as np
+
+from tfweave.netfuse.errors import MergeError
+
+LOG = logging.getLogger("tfweave.netfuse")
+FORMAT_VERSION = 1
+METADATA_FILE = "netfuse.json"
+
+
+def prefixed_name(index: int, name: str) -> str:
+    return f"m{index}_{name}"
+
+
+class MergedModel:
+    """N member models behind one merged graph, in memory or loaded from disk.
+
+    ``model.run({member: {input_name: array}})`` runs any subset of members, each with its own
+    batch size, and returns ``{member: {output_name: array}}`` (members by name or index).
+    """
+
+    def __init__(self, metadata: dict, signatures: dict, keep_alive=None, path: str | None = None):
+        """``signatures``: "prefixed"/"stacked" -> callable taking and returning a dict."""
+        self.metadata = metadata
+        self.signatures = signatures
+        self.path = path
+        self._keep_alive = keep_alive  # the module owning the variables
+        self.members = [m["name"] for m in metadata["members"]]
+        self.input_specs = metadata["inputs"]
+        self.output_specs = metadata["outputs"]
+
+    @property
+    def num_members(self) -> int:
+        return len(self.members)
+
+    def _index(self, member) -> int:
+        if isinstance(member, (int, np.integer)):
+            if not 0 <= int(member) < self.num_members:
+                raise KeyError(f"member index {member} out of range 0..{self.num_members - 1}")
+            return int(member)
+        if member not in self.members:
+            raise KeyError(f"no member named {member!r}; members: {self.members}")
+        return self.members.index(member)
+
+    def run(self, requests: dict) -> dict:
+        """Runs the members named in ``requests`` (others get an empty batch)."""
+        import tensorflow as tf
+        if not requests:
+            return {}
+        indices = {self._index(k): k for k in requests}
+        template = {}
+        feeds = {}
+        for index, key in indices.items():
+            given = requests[key]
+            missing = set(self.input_specs) - set(given)
+            if missing:
+                raise MergeError(f"member {self.members[index]}: missing inputs {sorted(missing)}"
+                                 f" (expects {sorted(self.input_specs)})")
+            for name, spec in self.input_specs.items():
+                array = np.asarray(given[name], dtype=spec["dtype"])
+                feeds[prefixed_name(index, name)] = array
+                template.setdefault(name, array)
+        for index in range(self.num_members):
+            if index in indices:
+                continue
+            for name, spec in self.input_specs.items():
+                like = template[name]
+                feeds[prefixed_name(index, name)] = np.zeros((0,) + like.shape[1:], like.dtype)
+        results = self.signatures["prefixed"]({k: tf.constant(v) for k, v in feeds.items()})
+        return {key: {name: results[prefixed_name(index, name)].numpy()
+                      for name in self.output_specs}
+                for index, key in indices.items()}
+
+    def run_stacked(self, inputs: dict) -> dict:
+        """``{input_name: [N, B, ...]}`` -> ``{output_name: [N, B, ...]}``."""
+        import tensorflow as tf
+        results = self.signatures["stacked"]({k: tf.constant(v) for k, v in inputs.items()})
+        return {k: v.numpy() for k, v in results.items()}
+
+    def __call__(self, requests: dict) -> dict:
+        return self.run(requests)
+
+
+def load_merged(path: str) -> MergedModel:
+    """Loads a merged SavedModel written by :func:`tfweave.netfuse.merge`."""
+    import tensorflow as tf
+    meta_path = os.path.join(path, "assets", METADATA_FILE)
+    if not os.path.exists(meta_path):
+        raise MergeError(f"{path} is not a merged SavedModel ({meta_path} is missing); merge "
+                         f"models with `tfweave merge` first")
+    with open(meta_path) as handle:
+        metadata = json.load(handle)
+    if metadata.get("format") != FORMAT_VERSION:
+        raise MergeError(f"{meta_path}: format {metadata.get('format')} is not supported "
+                         f"(this tfweave reads format {FORMAT_VERSION})")
+    loaded = tf.saved_model.load(path)
+    callers = {key: (lambda feeds, fn=loaded.signatures[key]: fn(**feeds))
+               for key in ("prefixed", "stacked")}
+    return MergedModel(metadata, callers, keep_alive=loaded, path=path)
+
+
+def _input_specs(reference, num_members: int, stacked: bool):
+    import tensorflow as tf
+    specs = []
+    if stacked:
+        for info in reference.inputs:
+            shape = [num_members] + (info.shape if info.shape is not None else [])
+            specs.append(tf.TensorSpec(shape, tf.as_dtype(info.dtype), name=info.name))
+        return specs
+    for index in range(num_members):
+        for info in reference.inputs:
+            specs.append(tf.TensorSpec(info.shape, tf.as_dtype(info.dtype),
+                                       name=prefixed_name(index, info.name)))
+    return specs
+
+
+def build_signature_functions(plan, lifter_factory, num_members: int):
+    """The two serving bodies as Python callables over positional tensors."""
+    import tensorflow as tf
+    from tfweave.netfuse.lifting import MEMBERS, STACKED, Value, lift
+
+    reference = plan.reference
+    input_names = [info.name for info in reference.inputs]
+    output_names = [info.name for info in reference.outputs]
+
+    def stacked_body(*tensors):
+        lifter = lifter_factory()
+        values = {name: Value(STACKED, t) for name, t in zip(input_names, tensors)}
+        outputs = lift(plan, lifter, values)
+        return {name: tf.identity(lifter.stacked(outputs[name]), name=name)
+                for name in output_names}
+
+    def prefixed_body(*tensors):
+        lifter = lifter_factory()
+        k = len(input_names)
+        per_member = [tensors[i * k:(i + 1) * k] for i in range(num_members)]
+        batches = [tf.shape(member[0])[0] for member in per_member]
+        if num_members > 1:
+            biggest = tf.reduce_max(tf.stack(batches))
+        else:
+            biggest = batches[0]
+        values = {}
+        for position, name in enumerate(input_names):
+            padded = []
+            for member, batch in zip(per_member, batches):
+                t = member[position]
+                if num_members > 1 and t.shape.rank:
+                    pad = tf.concat([[[0, biggest - batch]],
+                                     tf.zeros([t.shape.rank - 1, 2], tf.int32)], 0)
+                    t = tf.pad(t, pad)
+                padded.append(t)
+            values[name] = Value(MEMBERS, members=padded)
+        outputs = lift(plan, lifter, values)
+        result = {}
+        for name in output_names:
+            stacked = lifter.stacked(outputs[name])
+            parts = tf.unstack(stacked, num=num_members, axis=0)
+            for index, (part, batch) in enumerate(zip(parts, batches)):
+                if num_members > 1 and part.shape.rank:
+                    part = part[:batch]
+                result[prefixed_name(index, name)] = tf.identity(
+                    part, name=prefixed_name(index, name))
+        return result
+
+    return stacked_body, prefixed_body
+
+
+def build_module(plan, num_members: int, use_channels: bool = True):
+    """Traces the merged functions (twice: plan weights, then for real) into a tf.Module."""
+    import tensorflow as tf
+    from tfweave.netfuse.lifting import Lifter, WeightStore
+
+    store = WeightStore()
+
+    def make_lifter():
+        return Lifter(num_members, store, use_channels=use_channels)
+
+    stacked_body, prefixed_body = build_signature_functions(plan, make_lifter, num_members)
+    stacked_specs = _input_specs(plan.reference, num_members, stacked=True)
+    prefixed_specs = _input_specs(plan.reference, num_members, stacked=False)
+
+    # Pass 1: find every weight the rules ask for, in the layout they ask for it.
+    scratch = tf.Graph()
+    with scratch.as_default():
+        stacked_body(*[tf.compat.v1.placeholder(s.dtype, s.shape) for s in stacked_specs])
+        prefixed_body(*[tf.compat.v1.placeholder(s.dtype, s.shape) for s in prefixed_specs])
+    del scratch
+    module = tf.Module()
+    module.merged_weights = store.create_variables()
+    # Pass 2: the real functions, reading those variables.
+    module.stacked = tf.function(stacked_body, input_signature=stacked_specs,
+                                 autograph=False)
+    module.prefixed = tf.function(prefixed_body, input_signature=prefixed_specs,
+                                  autograph=False)
+    concrete = {"stacked": module.stacked.get_concrete_function(),
+                "prefixed": module.prefixed.get_concrete_function()}
+    return module, concrete, store.nbytes()
+
+
+def _tensor_specs_json(infos) -> dict:
+    return {info.name: {"dtype": info.dtype, "shape": info.shape} for info in infos}
+
+
+def save_merged(module, concrete: dict, metadata: dict, output_dir: str,
+                overwrite: bool = False) -> str:
+    """Writes the SavedModel atomically: into a sibling temp folder, then renamed."""
+    import tensorflow as tf
+    output_dir = os.path.abspath(output_dir)
+    if os.path.exists(output_dir):
+        if not overwrite:
+            raise MergeError(f"{output_dir} exists; choose a new folder (e.g. a new version "
+                             f"number) or pass overwrite=True")
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".netfuse-", dir=parent)
+    try:
+        default = "stacked" if metadata["stacked"] else "prefixed"
+        signatures = {"serving_default": concrete[default], "prefixed": concrete["prefixed"],
+                      "stacked": concrete["stacked"]}
+        tf.saved_model.save(module, staging, signatures=signatures)
+        os.makedirs(os.path.join(staging, "assets"), exist_ok=True)
+        with open(os.path.join(staging, "assets", METADATA_FILE), "w") as handle:
+            json.dump(metadata, handle, indent=1)
+        if os.path.exists(output_dir):
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
+          names: list[str] | None = None, stacked: bool = False, mode: str = "stock",
+          signature_key: str = "serving_default", use_channels: bool = True,
+          overwrite: bool = False,
+          progress: Callable[[str, int, int], None] | None = None) -> MergedModel:
+    """Merges N models of one architecture (different weights) into one merged model.
+
+    Args:
+      paths_or_models: SavedModel folders (Keras 3 ``model.export()``, tf_keras ``save``,
+        ``tf.saved_model.save`` of a tf.Module with a serving signature) or in-memory Keras
+        models, all of one architecture.
+      output_dir: where to write the merged SavedModel (must not exist unless ``overwrite``).
+      names: member names (default: folder names, or Keras model names).
+      stacked: ``serving_default`` takes ``[N, B, ...]`` inputs instead of ``m{i}_name`` ones.
+      mode: ``"stock"`` (stock TF ops only).
+      use_channels: keep convolution chains in the channel-folded layout (no transposes).
+      progress: called as ``progress(stage, done, total)`` while merging.
+
+    Returns a :class:`MergedModel` (runnable in memory; ``.path`` is set when saved).
+    """
+    from tfweave.netfuse.constants import (collect_weights, constant_nodes, frontier_tensors,
+                                           reachable_nodes)
+    from tfweave.netfuse.isomorphism import match_all
+    from tfweave.netfuse.lifting import LiftPlan
+    from tfweave.netfuse.sources import freeze_member
+
+    if mode != "stock":
+        raise MergeError(f"mode {mode!r} is not available; use mode='stock'")
+    sources = list(paths_or_models)
+    if not sources:
+        raise MergeError("nothing to merge: give at least one model")
+    if names is not None and len(names) != len(sources):
+        raise MergeError(f"{len(names)} names for {len(sources)} models")
+    total = len(sources)
+    report = progress or (lambda stage, done, count: None)
+
+    members = []
+    for index, source in enumerate(sources):
+        members.append(freeze_member(source, index, names[index] if names else None,
+                                     signature_key))
+        LOG.info("froze member %d/%d: %s", index + 1, total, members[-1].source)
+        report("freeze", index + 1, total)
+    seen: dict[str, int] = {}
+    for member in members:  # unique member names
+        if member.name in seen:
+            seen[member.name] += 1
+            member.name = f"{member.name}_{seen[member.name]}"
+        else:
+            seen[member.name] = 0
+
+    twin_maps = match_all(members)
+    report("match", total, total)
+    reference = members[0]
+    reachable = reachable_nodes(reference)
+    constants = constant_nodes(reference, reachable)
+    frontier = frontier_tensors(reference, reachable, constants)
+    weights = collect_weights(members, twin_maps, frontier,
+                              progress=lambda done: report("weights", done + 1, total))
+    plan = LiftPlan(reference, weights, constants, reachable)
+    module, concrete, weight_bytes = build_module(plan, total, use_channels=use_channels)
+    report("lift", total, total)
+    LOG.info("merged %d members: %d ops lifted, %.1f MB of weights", total, len(plan.order),
+             weight_bytes / 2**20)
+
+    metadata = {
+        "format": FORMAT_VERSION,
+        "members": [{"name": m.name, "source": m.source, "index": i}
+                    for i, m in enumerate(members)],
+        "inputs": _tensor_specs_json(reference.inputs),
+        "outputs": _tensor_specs_json(reference.outputs),
+        "mode": mode,
+        "stacked": bool(stacked),
+        "signatures": {"serving_default": "stacked" if stacked else "prefixed",
+                       "prefixed": "prefixed", "stacked": "stacked"},
+        "batching": "prefixed inputs are zero-padded to the largest member batch; outputs are "
+                    "sliced back per member",
+        "weight_bytes": int(weight_bytes),
+    }
+    path = None
+    if output_dir is not None:
+        path = save_merged(module, concrete, metadata, output_dir, overwrite=overwrite)
+        LOG.info("wrote merged SavedModel %s", path)
+        report("save", total, total)
+    callers = {}
+    for key, fn in (("prefixed", module.prefixed), ("stacked", module.stacked)):
+        specs = fn.input_signature
+        callers[key] = (lambda feeds, fn=fn, specs=specs: fn(*[feeds[s.name] for s in specs]))
+    return MergedModel(metadata, callers, keep_alive=module, path=path)

@@ -1,0 +1,174 @@
+"""Merged outputs equal each member's own outputs, op family by op family."""
+
+import numpy as np
+import pytest
+
+from tfweave import netfuse
+from tfweave.netfuse import architectures as arch
+
+from conftest import assert_members_match, member_outputs
+
+
+def _members(build, count, offset=0):
+    return [arch.perturb(build(seed), seed + 100) for seed in range(offset, offset + count)]
+
+
+def _image(rng, batch, size=16):
+    return {"image": rng.normal(size=(batch, size, size, 3)).astype("float32")}
+
+
+def _tokens(rng, batch, length=7, vocab=50, mask=False):
+    feed = {"token_ids": rng.integers(0, vocab, size=(batch, length)).astype("int32")}
+    if mask:
+        lengths = rng.integers(2, length + 1, size=(batch, 1))
+        feed["padding_mask"] = (np.arange(length)[None, :] < lengths).astype("int32")
+    return feed
+
+
+def test_mlp_merge_matches_each_member_with_its_own_batch_size(rng):
+    # MatMul -> BatchMatMulV2, BiasAdd, Relu, Softmax; members send 1, 3 and 0 rows.
+    models = _members(lambda s: arch.mlp(s, features=12, hidden=(16, 8), classes=5), 3)
+    merged = netfuse.merge(models)
+    inputs = [{"features": rng.normal(size=(b, 12)).astype("float32")} for b in (1, 3, 0)]
+    results = merged.run({i: inputs[i] for i in range(3)})
+    assert results[2]["output_0"].shape == (0, 5)
+    assert_members_match(models, results, inputs)
+    # the members really differ, so matching each one is not a coincidence
+    assert not np.allclose(member_outputs(models[0], inputs[1])[0],
+                           member_outputs(models[1], inputs[1])[0])
+
+
+def test_resnet_style_cnn_merge_matches_members(rng):
+    # Conv2D -> grouped Conv2D over N, BatchNorm (decomposed), ReLU, Pad, MaxPool, residual
+    # add, global average pool, Dense.
+    models = _members(lambda s: arch.resnet_cnn(s, image=12, widths=(4, 8), classes=3), 3)
+    merged = netfuse.merge(models)
+    inputs = [_image(rng, b, 12) for b in (2, 1, 3)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(3)}), inputs)
+
+
+def test_grouped_strided_and_dilated_convolutions_merge_matches_members(rng):
+    # Already-grouped Conv2D (cardinality 4), strided convs, dilated DepthwiseConv2dNative
+    # (SpaceToBatchND/BatchToSpaceND), AvgPool, global max pool.
+    models = _members(lambda s: arch.resnext_cnn(s, image=12, width=8, cardinality=4,
+                                                 classes=3), 2)
+    merged = netfuse.merge(models)
+    inputs = [_image(rng, b, 12) for b in (2, 2)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(2)}), inputs)
+
+
+def test_bert_like_encoder_merge_matches_members(rng):
+    # Embedding Gather (offset per member into one table), position embeddings, padding-mask
+    # attention (Einsum, BatchMatMulV2, Softmax, SelectV2), LayerNorm, gelu FFN, pooler slice.
+    models = _members(lambda s: arch.bert_encoder(s, vocab=50, layers=1, hidden=16, heads=2,
+                                                  max_positions=8), 2)
+    merged = netfuse.merge(models)
+    inputs = [_tokens(rng, b, mask=True) for b in (3, 1)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(2)}), inputs)
+
+
+def test_xlnet_style_relative_attention_merge_matches_members(rng):
+    # Relative positional attention: per-member biases, Range/Sin/Cos positions, the
+    # Transformer-XL relative shift (Reshape/StridedSlice on per-member scores).
+    models = _members(lambda s: arch.xlnet_encoder(s, vocab=50, layers=1, hidden=16, heads=2),
+                      2)
+    merged = netfuse.merge(models)
+    inputs = [_tokens(rng, b) for b in (1, 2)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(2)}), inputs)
+
+
+def test_stacked_form_takes_and_returns_model_axis_first(rng):
+    models = _members(lambda s: arch.resnet_cnn(s, image=8, widths=(4,), classes=3), 3)
+    merged = netfuse.merge(models)
+    images = rng.normal(size=(3, 2, 8, 8, 3)).astype("float32")
+    out = merged.run_stacked({"image": images})["output_0"]
+    assert out.shape == (3, 2, 3)
+    for index, model in enumerate(models):
+        expected = member_outputs(model, {"image": images[index]})[0]
+        np.testing.assert_allclose(out[index], expected, atol=1e-4)
+
+
+def test_channel_layout_off_gives_the_same_outputs(rng):
+    models = _members(lambda s: arch.resnet_cnn(s, image=8, widths=(4,), classes=3), 2)
+    merged = netfuse.merge(models, use_channels=False)
+    inputs = [_image(rng, 2, 8) for _ in range(2)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(2)}), inputs)
+
+
+def test_thirty_two_member_mlp_merge_matches_every_member(rng):
+    models = _members(lambda s: arch.mlp(s, features=6, hidden=(8,), classes=3), 32)
+    merged = netfuse.merge(models)
+    assert merged.num_members == 32
+    inputs = [{"features": rng.normal(size=(1 + i % 3, 6)).astype("float32")}
+              for i in range(32)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(32)}), inputs)
+
+
+def test_plain_tf_module_with_shape_ops_merges(rng, tmp_path):
+    """A tf.Module export (no Keras) using MatMul(transpose_b), BatchMatMulV2 broadcast,
+    Transpose, Reshape from a dynamic Shape, StridedSlice masks, ConcatV2, Split, ExpandDims,
+    Squeeze, Tile, Mean/Max, ArgMax, Cumsum, ClipByValue, FusedBatchNormV3 (inference)."""
+    import tensorflow as tf
+
+    class Block(tf.Module):
+        def __init__(self, seed):
+            r = np.random.default_rng(seed)
+            self.w = tf.Variable(r.normal(size=(8, 6)).astype("float32"))
+            self.b = tf.Variable(r.normal(size=(4, 3, 5)).astype("float32"))
+            self.scale = tf.Variable(r.uniform(0.5, 1.5, size=(8,)).astype("float32"))
+            self.shift = tf.Variable(r.normal(size=(8,)).astype("float32"))
+            self.mean = tf.Variable(r.normal(size=(8,)).astype("float32"))
+            self.var = tf.Variable(r.uniform(0.5, 2.0, size=(8,)).astype("float32"))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 4, 6], tf.float32, name="x")])
+        def serve(self, x):
+            batch = tf.shape(x)[0]
+            h = tf.matmul(tf.reshape(x, [batch * 4, 6]), self.w, transpose_b=True)  # [B*4, 8]
+            h = tf.reshape(h, [batch, 2, 2, 8])
+            h, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                h, self.scale, self.shift, self.mean, self.var, is_training=False)
+            h = tf.transpose(tf.reshape(h, [batch, 4, 8]), [0, 2, 1])  # [B, 8, 4]
+            left, right = tf.split(h, 2, axis=1)
+            h = tf.concat([right, left[:, ::-1, :]], axis=-1)  # [B, 4, 8]
+            t = tf.matmul(tf.expand_dims(h[..., :3], 1), self.b[:, :, :])  # [B, 4, 4, 5]
+            t = tf.squeeze(tf.reduce_max(t, axis=2, keepdims=True), axis=2)
+            s = tf.clip_by_value(tf.math.cumsum(t, axis=-1), -3.0, 3.0)
+            return {"y": tf.tile(tf.reduce_mean(s, axis=1), [1, 2]),
+                    "best": tf.argmax(h[:, 0, :], axis=-1, output_type=tf.int32)}
+
+    paths = []
+    blocks = [Block(seed) for seed in range(3)]
+    for i, block in enumerate(blocks):
+        path = str(tmp_path / f"block{i}")
+        tf.saved_model.save(block, path, signatures={"serving_default": block.serve})
+        paths.append(path)
+    merged = netfuse.merge(paths)
+    xs = [rng.normal(size=(b, 4, 6)).astype("float32") for b in (2, 1, 3)]
+    results = merged.run({i: {"x": xs[i]} for i in range(3)})
+    for i, block in enumerate(blocks):
+        own = block.serve(tf.constant(xs[i]))
+        np.testing.assert_allclose(results[i]["y"], own["y"].numpy(), atol=1e-4)
+        np.testing.assert_array_equal(results[i]["best"], own["best"].numpy())
+
+
+def test_unsupported_op_on_per_model_tensor_names_op_and_node(tmp_path):
+    import tensorflow as tf
+
+    class Inverter(tf.Module):
+        def __init__(self, seed):
+            self.w = tf.Variable(np.eye(3, dtype="float32") * (seed + 2))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 3, 3], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": tf.linalg.inv(x + self.w)}
+
+    paths = []
+    for seed in range(2):
+        module = Inverter(seed)
+        path = str(tmp_path / f"inv{seed}")
+        tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+        paths.append(path)
+    with pytest.raises(netfuse.UnsupportedOpError) as caught:
+        netfuse.merge(paths)
+    assert caught.value.op == "MatrixInverse"
+    assert "MatrixInverse" in str(caught.value) and caught.value.node in str(caught.value)
