@@ -87,7 +87,7 @@ def zoo(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference(zoo):
-    return model_fixtures.MemberReference(zoo["members"])
+    return model_fixtures.MemberReference(zoo["references"])
 
 
 @pytest.fixture(scope="module")

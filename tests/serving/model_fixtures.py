@@ -98,18 +98,45 @@ def write_handmade_merged(path: str, all_weights, names, sources) -> str:
     return path
 
 
+def netfuse_merge():
+    """``tfweave.netfuse.merge`` when the NetFuse part is built, else None."""
+    try:
+        from tfweave import netfuse
+    except ImportError:
+        return None
+    return getattr(netfuse, "merge", None)
+
+
 def build_model_zoo(root: str, n: int = 3, seed: int = 0) -> dict:
-    """Writes members (ordinary models, versioned dirs) and a merged model under ``root``."""
+    """Writes the members (ordinary models in version dirs) and two merged models of them.
+
+    ``merged``: made by ``tfweave.netfuse.merge`` (the real merge pass) when it exists, else
+    written by hand; members are named ``member{i}``. ``contract_merged``: always written by
+    hand from the CONTRACT, members named ``contract{i}``, so the server is checked against
+    the contract itself as well as against whatever the merge pass currently emits.
+    """
     names = [f"member{i}" for i in range(n)]
     weights = [member_weights(seed + i) for i in range(n)]
     members = {}
     for name, w in zip(names, weights):
         members[name] = os.path.join(root, "members", name)
         write_member(os.path.join(members[name], "1"), w)
+    sources = [os.path.join(members[nm], "1") for nm in names]
     merged = os.path.join(root, "merged")
-    write_handmade_merged(os.path.join(merged, "1"), weights, names,
-                          [os.path.join(members[nm], "1") for nm in names])
-    return {"names": names, "weights": weights, "members": members, "merged": merged}
+    merge = netfuse_merge()
+    if merge is not None:
+        merge(sources, os.path.join(merged, "1"), names=names)
+    else:
+        write_handmade_merged(os.path.join(merged, "1"), weights, names, sources)
+    contract = os.path.join(root, "contract_merged")
+    contract_names = [f"contract{i}" for i in range(n)]
+    write_handmade_merged(os.path.join(contract, "1"), weights, contract_names, sources)
+    references = dict(members)
+    references.update({c: members[m] for c, m in zip(contract_names, names)})
+    return {"names": names, "weights": weights, "members": members, "merged": merged,
+            "merged_by": "netfuse.merge" if merge is not None else "hand",
+            "contract_merged": contract, "contract_names": contract_names,
+            "references": references}
 
 
 class MemberReference:

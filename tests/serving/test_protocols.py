@@ -35,11 +35,15 @@ def server(zoo, start_server, tmp_path_factory):
     members = "\n".join(
         f'  config {{ name: "{n}" base_path: "{zoo["merged"]}" model_platform: "netfuse" }}'
         for n in zoo["names"])
+    contract = "\n".join(
+        f'  config {{ name: "{n}" base_path: "{zoo["contract_merged"]}" '
+        f'model_platform: "netfuse" }}' for n in zoo["contract_names"])
     config = write_text(tmp / "models.config", f"""
 model_config_list {{
 {plain}
 {members}
   config {{ name: "merged" base_path: "{zoo['merged']}" model_platform: "tensorflow" }}
+{contract}
   config {{ name: "versioned" base_path: "{versioned}" }}
   config {{
     name: "both_versions" base_path: "{versioned}"
@@ -95,6 +99,16 @@ def test_grpc_predict_on_each_merged_member_equals_the_member_model(stubs, zoo, 
         assert response.model_spec.name == name
         assert response.model_spec.version.value == 1
         assert response.model_spec.signature_name == "serving_default"
+        assert_outputs({k: tf.make_ndarray(v) for k, v in response.outputs.items()},
+                       reference(name, x))
+
+
+def test_hand_written_contract_model_members_equal_the_member_models(stubs, zoo, reference):
+    """The merged-model CONTRACT itself (written by hand, independent of the merge pass)."""
+    predict, _ = stubs
+    for name in zoo["contract_names"]:
+        x = RNG.standard_normal((2, IN_DIM)).astype(np.float32)
+        response = predict.Predict(predict_request(name, x), timeout=30)
         assert_outputs({k: tf.make_ndarray(v) for k, v in response.outputs.items()},
                        reference(name, x))
 

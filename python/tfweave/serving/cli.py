@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -94,6 +95,13 @@ def main(args) -> int:
     rest = f" REST {options.host}:{server.rest_port}" if server.rest_port else ""
     print(f"tfweave serve: ready gRPC {options.host}:{server.grpc_port}{rest} models: {models}",
           flush=True)
-    stop.wait()
+    while not stop.wait(0.5):  # a timed wait lets the signal handler run promptly
+        pass
     server.stop()
-    return 0
+    logging.getLogger(__name__).info("stopped")
+    # The server is stopped and nothing is left to write; TensorFlow's and gRPC's interpreter
+    # teardown would take seconds more, which a restarting supervisor (or a test) waits out.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
