@@ -24,9 +24,6 @@ TensorFlow's (@local_config_cuda) is a download, so an offline Bazel build canno
 
 load("@local_tensorflow//:build_defs.bzl", "TF_COPTS")
 
-# The pip build's flags (tfweave.ops.build.CXX_FLAGS), so both builds make the same library;
-# TF_COPTS and the framework target's defines come from tf.sysconfig.get_compile_flags().
-_OP_COPTS = ["-std=c++17", "-fPIC", "-O2", "-Wno-deprecated-declarations"]
 
 def tfweave_op_library(name, tests = [], extra_libraries = [], test_timeout = "long"):
     """Builds `_<name>_ops.so` from tf_ops/<name>/ and, given `tests`, a test target for it.
@@ -47,7 +44,9 @@ def tfweave_op_library(name, tests = [], extra_libraries = [], test_timeout = "l
     native.cc_binary(
         name = library,
         srcs = srcs + native.glob(["**/*.h"]),
-        copts = _OP_COPTS + TF_COPTS,
+        # The pip build's own flags (-std=c++17 -fPIC -O2 ...) are in .bazelrc; TF_COPTS and the
+        # framework target's defines are tf.sysconfig.get_compile_flags(), as in the pip build.
+        copts = TF_COPTS,
         linkshared = True,
         deps = ["@local_tensorflow//:tensorflow_framework"],
     )
