@@ -1,0 +1,58 @@
+"""``tfweave merge``: writes the merged SavedModel, reports refusals readably."""
+
+import json
+import os
+
+from tfweave import cli, netfuse
+from tfweave.netfuse import architectures as arch
+
+from conftest import assert_members_match
+
+
+def _export(models, root):
+    paths = []
+    for i, model in enumerate(models):
+        path = str(root / f"ft{i}" / "1")
+        model.export(path, verbose=False)
+        paths.append(path)
+    return paths
+
+
+def test_tfweave_merge_writes_a_merged_saved_model_with_given_names(tmp_path, capsys, rng):
+    models = [arch.perturb(arch.mlp(s, features=5, hidden=(6,), classes=3), s)
+              for s in range(2)]
+    paths = _export(models, tmp_path)
+    out = str(tmp_path / "merged" / "1")
+    code = cli.main(["merge", *paths, "-o", out, "--name", "alpha", "--name", "beta",
+                     "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "merged 2 models" in printed and "alpha" in printed
+    meta = json.load(open(os.path.join(out, "assets", "netfuse.json")))
+    assert [m["name"] for m in meta["members"]] == ["alpha", "beta"]
+    inputs = [{"features": rng.normal(size=(b, 5)).astype("float32")} for b in (2, 3)]
+    results = netfuse.load_merged(out).run({"alpha": inputs[0], "beta": inputs[1]})
+    assert_members_match(models, {0: results["alpha"], 1: results["beta"]}, inputs)
+    # an existing output is never silently replaced
+    assert cli.main(["merge", *paths, "-o", out, "--quiet"]) == 1
+    assert "exists" in capsys.readouterr().err
+
+
+def test_tfweave_merge_reports_which_node_differs(tmp_path, capsys):
+    models = [arch.mlp(0, features=5, hidden=(6,), classes=3),
+              arch.mlp(1, features=5, hidden=(7,), classes=3)]
+    paths = _export(models, tmp_path)
+    code = cli.main(["merge", *paths, "-o", str(tmp_path / "out"), "--quiet"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "not the same architecture" in err and "weight shape [5, 6] vs [5, 7]" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_progress_lines_name_each_stage(tmp_path, capsys):
+    models = [arch.mlp(s, features=3, hidden=(4,), classes=2) for s in range(3)]
+    paths = _export(models, tmp_path)
+    assert cli.main(["merge", *paths, "-o", str(tmp_path / "m" / "1")]) == 0
+    err = capsys.readouterr().err
+    for stage in ("freeze: 3/3", "match: 3/3", "lift: 3/3", "save: 3/3"):
+        assert stage in err

@@ -1,0 +1,62 @@
+"""The merge refuses members that differ in more than their weights, saying where."""
+
+import pytest
+
+from tfweave import netfuse
+from tfweave.netfuse import architectures as arch
+
+
+def _refusal(models) -> netfuse.NotIsomorphicError:
+    with pytest.raises(netfuse.NotIsomorphicError) as caught:
+        netfuse.merge(models)
+    return caught.value
+
+
+def test_merge_refuses_models_with_different_layer_count():
+    error = _refusal([arch.mlp(0, features=6, hidden=(8,)), arch.mlp(1, features=6,
+                                                                      hidden=(8, 8))])
+    # walking back from the outputs, model 0 reaches its input where model 1 has one more layer
+    text = str(error)
+    assert "op Placeholder vs Relu" in text
+    assert "weight shape [6, 8] vs [8, 8]" in text
+    assert "model 1" in text
+
+
+def test_merge_refuses_different_units_naming_node_and_weight_shape():
+    error = _refusal([arch.mlp(0, features=6, hidden=(8,)), arch.mlp(1, features=6,
+                                                                      hidden=(9,))])
+    text = str(error)
+    assert "weight shape [6, 8] vs [6, 9]" in text
+    assert "MatMul" in text  # the node that reads the kernel is named
+
+
+def test_merge_refuses_different_activation_naming_the_ops():
+    import keras
+
+    def build(activation):
+        inputs = keras.Input((4,), name="features")
+        return keras.Model(inputs, keras.layers.Dense(3, activation=activation)(inputs))
+    error = _refusal([build("relu"), build("tanh")])
+    assert "op Relu vs Tanh" in str(error)
+
+
+def test_merge_refuses_different_conv_strides_naming_the_attribute():
+    import keras
+
+    def build(strides):
+        inputs = keras.Input((8, 8, 3), name="image")
+        x = keras.layers.Conv2D(4, 3, strides=strides)(inputs)
+        return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    error = _refusal([build(1), build(2)])
+    problem = next(d for d in error.differences if "strides" in d)
+    assert "(Conv2D)" in problem and "attribute 'strides'" in problem
+
+
+def test_merge_refuses_members_with_different_signature_inputs():
+    import keras
+
+    def build(name):
+        inputs = keras.Input((4,), name=name)
+        return keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    error = _refusal([build("features"), build("pixels")])
+    assert "signature inputs ['features'] in model 0 vs ['pixels']" in str(error)
