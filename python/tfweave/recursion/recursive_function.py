@@ -245,6 +245,10 @@ class RecursiveFunction:
         context = self._context()
         inference = context.get_inference()
         captures = list(inference.external_captures)
+        # Before the call, as tf.function does: a tape records the call only if it watches an
+        # input, and it watches a trainable variable once the variable is accessed.
+        for variable in inference.variables:
+            resource_variable_ops.variable_accessed(variable)
         with_residuals = record.could_possibly_record() and record.should_record_backprop(
             [t for t in flat_args + captures if isinstance(t, tf.Tensor)])
         if with_residuals:
@@ -262,8 +266,6 @@ class RecursiveFunction:
             name=_clean(self.name))
         if results and not tf.executing_eagerly():
             _mark_read_only_resources(results[0].op, target.graph)
-        for variable in target.variables:
-            resource_variable_ops.variable_accessed(variable)
         return nest.pack_sequence_as(self.output_signature, results[:len(self._flat_outputs)])
 
     def get_concrete_function_name(self) -> str:
@@ -313,7 +315,7 @@ class RecursiveFunction:
         atomic = atomic_function.from_func_graph(
             key, graph, {invoke_ops.ORIGINAL_NAME_ATTR: key})
         return _TracedFunction(atomic, graph, list(graph.external_captures),
-                               list(graph.variables))
+                               _watched_variables(graph))
 
     def _check_outputs(self, structured) -> list:
         try:
@@ -398,7 +400,7 @@ class RecursiveFunction:
             backward_key, backward_graph, {invoke_ops.ORIGINAL_NAME_ATTR: backward_key})
         gradients.forward = _TracedFunction(forward_atomic, forward_graph,
                                             list(forward_graph.external_captures),
-                                            list(forward_graph.variables))
+                                            _watched_variables(forward_graph))
         gradients.backward = _TracedFunction(backward_atomic, backward_graph, [], [])
 
     def _call_gradient(self, gradients: _GradientFunctions, op, grads) -> list:
@@ -478,3 +480,8 @@ def function(python_function: Callable | None = None, *, input_signature, output
         return RecursiveFunction(fn, input_signature, output_signature, max_depth=max_depth,
                                  name=name)
     return decorate if python_function is None else decorate(python_function)
+
+
+def _watched_variables(graph) -> list:
+    """Variables the body read while it was traced (tf.function keeps the same list)."""
+    return list(graph._watched_variables)  # pylint: disable=protected-access
