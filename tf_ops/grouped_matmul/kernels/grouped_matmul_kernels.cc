@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "tf_ops/grouped_matmul/kernels/grouped_matmul.h"
+#include "tf_ops/grouped_matmul/kernels/packed_gemm.h"
 
 #include "Eigen/Core"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -93,11 +94,25 @@ void GroupedMatMulFloat(OpKernelContext* ctx, const functor::GroupedMatMulProble
   RunTiles(ctx, tiles, p.rows * k * m, [&](const Tile& t) {
     const int64_t rows = t.row_end - t.row_begin, cols = t.col_end - t.col_begin;
     MatrixMap out(y + t.row_begin * m + t.col_begin, rows, cols, Eigen::OuterStride<>(m));
-    if (k == 0) {
+    const float* wg = w + t.group * k * m;
+    tfweave::gemm::Operands gemm;
+    gemm.rows = rows;
+    gemm.cols = cols;
+    gemm.depth = k;
+    gemm.a = x + t.row_begin * k;
+    gemm.a_row_stride = k;
+    gemm.a_depth_stride = 1;
+    gemm.b = p.transpose_w ? wg + t.col_begin * k : wg + t.col_begin;
+    gemm.b_depth_stride = p.transpose_w ? 1 : m;
+    gemm.b_col_stride = p.transpose_w ? k : 1;
+    gemm.c = y + t.row_begin * m + t.col_begin;
+    gemm.ldc = m;
+    if (tfweave::gemm::Multiply(gemm)) {
+      // The SIMD kernel wrote the tile.
+    } else if (k == 0) {
       out.setZero();
     } else {
       ConstMatrixMap lhs(x + t.row_begin * k, rows, k, Eigen::OuterStride<>(k));
-      const float* wg = w + t.group * k * m;
       if (p.transpose_w) {  // w_g is [M, K]: the tile's columns are rows of w_g
         ConstMatrixMap rhs_t(wg + t.col_begin * k, cols, k, Eigen::OuterStride<>(k));
         out.noalias() = lhs * rhs_t.transpose();
@@ -141,9 +156,23 @@ void GroupedMatMulWeightGradFloat(OpKernelContext* ctx, const functor::GroupedMa
     const float* a = p.transpose_w ? dyg : xg;
     const float* b = p.transpose_w ? xg : dyg;
     const int64_t a_cols = p.transpose_w ? m : k;
-    ConstMatrixMap a_tile(a + t.row_begin, n, rows, Eigen::OuterStride<>(a_cols));
-    ConstMatrixMap b_all(b, n, out_cols, Eigen::OuterStride<>(out_cols));
-    out.noalias() = a_tile.transpose() * b_all;
+    tfweave::gemm::Operands gemm;
+    gemm.rows = rows;
+    gemm.cols = out_cols;
+    gemm.depth = n;
+    gemm.a = a + t.row_begin;
+    gemm.a_row_stride = 1;
+    gemm.a_depth_stride = a_cols;
+    gemm.b = b;
+    gemm.b_depth_stride = out_cols;
+    gemm.b_col_stride = 1;
+    gemm.c = out.data();
+    gemm.ldc = out_cols;
+    if (!tfweave::gemm::Multiply(gemm)) {
+      ConstMatrixMap a_tile(a + t.row_begin, n, rows, Eigen::OuterStride<>(a_cols));
+      ConstMatrixMap b_all(b, n, out_cols, Eigen::OuterStride<>(out_cols));
+      out.noalias() = a_tile.transpose() * b_all;
+    }
   });
 }
 

@@ -1,0 +1,382 @@
+// Packed GEMM in the BLIS style: C is computed in MR x NR register tiles; for each block of the
+// depth, a block of A's rows is packed into MR-row micro-panels (L2-resident) and each NR-wide
+// panel of B is packed (L1-resident) and swept over all of A's micro-panels.
+#include "tf_ops/grouped_matmul/kernels/packed_gemm.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define TFWEAVE_GEMM_X86 1
+#else
+#define TFWEAVE_GEMM_X86 0
+#endif
+
+namespace tfweave {
+namespace gemm {
+namespace {
+
+// Depth block: an NR-wide B panel of kDepthBlock rows (32 KiB at NR = 32) stays in L1.
+constexpr int64_t kDepthBlock = 256;
+// Row block: the packed A block (kRowBlock x kDepthBlock floats) stays in L2.
+constexpr int64_t kRowBlock = 252;
+
+// micro-kernel: C[rows x cols] (= or +=) A_panel[kc x rows] * B_panel[kc x NR], rows <= MR,
+// cols <= NR; A is packed k-major with `rows` values per k; B's row k starts at b + k * ldb and
+// holds NR readable values (a packed, zero-padded panel, or a full-width slice of B itself).
+using MicroKernel = void (*)(int64_t kc, const float* a, const float* b, int64_t ldb, float* c,
+                             int64_t ldc, int rows, int cols, bool accumulate);
+
+// A 64-byte aligned scratch buffer per thread, grown on demand (the op's pool threads live
+// as long as the process, so packing never allocates in steady state).
+class Scratch {
+ public:
+  ~Scratch() { std::free(data_); }
+  float* Get(int64_t floats) {
+    if (floats > capacity_) {
+      std::free(data_);
+      capacity_ = std::max<int64_t>(floats, 2 * capacity_);
+      data_ = static_cast<float*>(std::aligned_alloc(64, (capacity_ * 4 + 63) / 64 * 64));
+    }
+    return data_;
+  }
+
+ private:
+  float* data_ = nullptr;
+  int64_t capacity_ = 0;
+};
+
+// Packs rows [i0, i0 + mr) x depth [k0, k0 + kc) of A as dst[k * mr + i].
+void PackA(const Operands& op, int64_t i0, int mr, int64_t k0, int64_t kc, float* dst) {
+  if (op.a_depth_stride == 1) {  // A's rows are contiguous along the depth (x in the forward op)
+    for (int i = 0; i < mr; ++i) {
+      const float* src = op.a + (i0 + i) * op.a_row_stride + k0;
+      for (int64_t k = 0; k < kc; ++k) dst[k * mr + i] = src[k];
+    }
+  } else if (op.a_row_stride == 1) {  // A's columns are contiguous (x^T in the weight gradient)
+    for (int64_t k = 0; k < kc; ++k) {
+      std::memcpy(dst + k * mr, op.a + (k0 + k) * op.a_depth_stride + i0, mr * sizeof(float));
+    }
+  } else {
+    for (int64_t k = 0; k < kc; ++k) {
+      for (int i = 0; i < mr; ++i) {
+        dst[k * mr + i] = op.a[(i0 + i) * op.a_row_stride + (k0 + k) * op.a_depth_stride];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+#if TFWEAVE_GEMM_X86
+void PackTransposedBAvx2(const float* src, int64_t src_stride, int64_t kc, int nr,
+                         int panel_width, float* dst);
+#endif
+bool CanTransposeWithAvx2();
+
+namespace {
+
+// Packs depth [k0, k0 + kc) x columns [j0, j0 + nr) of B as dst[k * NR + j], zero padded to NR.
+void PackB(const Operands& op, int64_t k0, int64_t kc, int64_t j0, int nr, int panel_width,
+           float* dst) {
+  if (op.b_col_stride == 1) {  // row-major B (w[g] as [K, M], dy in the weight gradient)
+    for (int64_t k = 0; k < kc; ++k) {
+      std::memcpy(dst + k * panel_width, op.b + (k0 + k) * op.b_depth_stride + j0,
+                  nr * sizeof(float));
+      std::fill(dst + k * panel_width + nr, dst + (k + 1) * panel_width, 0.0f);
+    }
+  } else {
+    if (nr < panel_width) {
+      for (int64_t k = 0; k < kc; ++k) {
+        std::fill(dst + k * panel_width + nr, dst + (k + 1) * panel_width, 0.0f);
+      }
+    }
+#if TFWEAVE_GEMM_X86
+    if (op.b_depth_stride == 1 && CanTransposeWithAvx2()) {  // w[g] stored as [M, K]
+      PackTransposedBAvx2(op.b + j0 * op.b_col_stride + k0, op.b_col_stride, kc, nr,
+                          panel_width, dst);
+      return;
+    }
+#endif
+    for (int j = 0; j < nr; ++j) {  // transposed B: each column is contiguous along the depth
+      const float* src = op.b + (j0 + j) * op.b_col_stride + k0 * op.b_depth_stride;
+      for (int64_t k = 0; k < kc; ++k) dst[k * panel_width + j] = src[k * op.b_depth_stride];
+    }
+  }
+}
+
+template <int MR, int NR>
+void Drive(const Operands& op, MicroKernel kernel) {
+  if (op.rows <= 0 || op.cols <= 0) return;
+  if (op.depth <= 0) {
+    for (int64_t i = 0; i < op.rows; ++i) std::fill(op.c + i * op.ldc, op.c + i * op.ldc + op.cols, 0.0f);
+    return;
+  }
+  static thread_local Scratch a_scratch, b_scratch;
+  const int64_t kc_max = std::min(kDepthBlock, op.depth);
+  const int64_t mc_max = std::min(kRowBlock, op.rows);
+  float* a_pack = a_scratch.Get((mc_max + MR) * kc_max);
+  float* b_pack = b_scratch.Get(NR * kc_max);
+  for (int64_t k0 = 0; k0 < op.depth; k0 += kDepthBlock) {
+    const int64_t kc = std::min(kDepthBlock, op.depth - k0);
+    for (int64_t ic = 0; ic < op.rows; ic += kRowBlock) {
+      const int64_t mc = std::min(kRowBlock, op.rows - ic);
+      for (int64_t ir = 0; ir < mc; ir += MR) {
+        PackA(op, ic + ir, static_cast<int>(std::min<int64_t>(MR, mc - ir)), k0, kc,
+              a_pack + ir * kc);
+      }
+      for (int64_t j0 = 0; j0 < op.cols; j0 += NR) {
+        const int nr = static_cast<int>(std::min<int64_t>(NR, op.cols - j0));
+        // A full-width panel of a row-major B is read in place: copying it would cost as much
+        // memory traffic as reading it (each weight is used by few rows when groups are small),
+        // and the hardware prefetcher follows its constant stride. Other panels are packed.
+        const bool in_place = op.b_col_stride == 1 && nr == NR;
+        const float* b_panel = op.b + k0 * op.b_depth_stride + j0;
+        int64_t ldb = op.b_depth_stride;
+        if (!in_place) {
+          PackB(op, k0, kc, j0, nr, NR, b_pack);
+          b_panel = b_pack;
+          ldb = NR;
+        }
+        for (int64_t ir = 0; ir < mc; ir += MR) {
+          const int mr = static_cast<int>(std::min<int64_t>(MR, mc - ir));
+          kernel(kc, a_pack + ir * kc, b_panel, ldb, op.c + (ic + ir) * op.ldc + j0, op.ldc, mr,
+                 nr, k0 > 0);
+        }
+      }
+    }
+  }
+}
+
+#if TFWEAVE_GEMM_X86
+
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+
+// 14 x 32: 28 zmm accumulators + 2 for B; A is broadcast straight from memory.
+constexpr int kAvx512Rows = 14;
+
+template <int MR>
+inline void Avx512Tile(int64_t kc, const float* a, const float* b, int64_t ldb, float* c,
+                       int64_t ldc, int cols, bool accumulate) {
+  __m512 lo[MR], hi[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    lo[i] = _mm512_setzero_ps();
+    hi[i] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    // B rows arrive with a large stride when read in place: fetch a few rows ahead.
+    _mm_prefetch(reinterpret_cast<const char*>(b + ldb * (k + 24)), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(b + ldb * (k + 24) + 16), _MM_HINT_T0);
+    const __m512 b_lo = _mm512_loadu_ps(b + ldb * k);
+    const __m512 b_hi = _mm512_loadu_ps(b + ldb * k + 16);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512 ai = _mm512_set1_ps(a[k * MR + i]);
+      lo[i] = _mm512_fmadd_ps(ai, b_lo, lo[i]);
+      hi[i] = _mm512_fmadd_ps(ai, b_hi, hi[i]);
+    }
+  }
+  const __mmask16 mask_lo = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 mask_hi =
+      cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    float* row = c + i * ldc;
+    if (accumulate) {
+      lo[i] = _mm512_add_ps(lo[i], _mm512_maskz_loadu_ps(mask_lo, row));
+      hi[i] = _mm512_add_ps(hi[i], _mm512_maskz_loadu_ps(mask_hi, row + 16));
+    }
+    _mm512_mask_storeu_ps(row, mask_lo, lo[i]);
+    _mm512_mask_storeu_ps(row + 16, mask_hi, hi[i]);
+  }
+}
+
+void Avx512Kernel(int64_t kc, const float* a, const float* b, int64_t ldb, float* c,
+                  int64_t ldc, int rows, int cols, bool accumulate) {
+  switch (rows) {
+#define TFWEAVE_AVX512_CASE(R) \
+  case R:                      \
+    return Avx512Tile<R>(kc, a, b, ldb, c, ldc, cols, accumulate);
+    TFWEAVE_AVX512_CASE(1) TFWEAVE_AVX512_CASE(2) TFWEAVE_AVX512_CASE(3)
+    TFWEAVE_AVX512_CASE(4) TFWEAVE_AVX512_CASE(5) TFWEAVE_AVX512_CASE(6)
+    TFWEAVE_AVX512_CASE(7) TFWEAVE_AVX512_CASE(8) TFWEAVE_AVX512_CASE(9)
+    TFWEAVE_AVX512_CASE(10) TFWEAVE_AVX512_CASE(11) TFWEAVE_AVX512_CASE(12)
+    TFWEAVE_AVX512_CASE(13) TFWEAVE_AVX512_CASE(14)
+#undef TFWEAVE_AVX512_CASE
+    default:
+      return;
+  }
+}
+
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+// dst[k * dst_stride + j] = src[j * src_stride + k] for j, k < 8: an 8 x 8 transpose in registers.
+inline void Transpose8x8(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
+  __m256 r[8], t[8], u[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * src_stride);
+#pragma GCC unroll 4
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+#pragma GCC unroll 2
+  for (int h = 0; h < 8; h += 4) {  // rows h..h+3: columns 0-3 (low lanes) and 4-7 (high)
+    u[h] = _mm256_shuffle_ps(t[h], t[h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * dst_stride, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * dst_stride, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+  }
+}
+
+}  // namespace
+
+// Column j of the panel is src[j * src_stride + k], k < kc: transposed 8 x 8 at a time.
+void PackTransposedBAvx2(const float* src, int64_t src_stride, int64_t kc, int nr,
+                         int panel_width, float* dst) {
+  const int nr8 = nr / 8 * 8;
+  const int64_t kc8 = kc / 8 * 8;
+  for (int64_t k = 0; k < kc8; k += 8) {
+    for (int j = 0; j < nr8; j += 8) {
+      Transpose8x8(src + j * src_stride + k, src_stride, dst + k * panel_width + j, panel_width);
+    }
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const int j_begin = k < kc8 ? nr8 : 0;
+    for (int j = j_begin; j < nr; ++j) dst[k * panel_width + j] = src[j * src_stride + k];
+    for (int j = nr; j < panel_width; ++j) dst[k * panel_width + j] = 0.0f;
+  }
+}
+
+namespace {
+
+// 6 x 16: 12 ymm accumulators + 2 for B + 1 broadcast.
+constexpr int kAvx2Rows = 6;
+
+template <int MR>
+inline void Avx2Tile(int64_t kc, const float* a, const float* b, int64_t ldb, float* c,
+                     int64_t ldc, int cols, bool accumulate) {
+  __m256 lo[MR], hi[MR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    lo[i] = _mm256_setzero_ps();
+    hi[i] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b_lo = _mm256_loadu_ps(b + ldb * k);
+    const __m256 b_hi = _mm256_loadu_ps(b + ldb * k + 8);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256 ai = _mm256_broadcast_ss(a + k * MR + i);
+      lo[i] = _mm256_fmadd_ps(ai, b_lo, lo[i]);
+      hi[i] = _mm256_fmadd_ps(ai, b_hi, hi[i]);
+    }
+  }
+  // Lane j of a mask is on when j < cols (maskload/maskstore look at the sign bit).
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i mask_lo = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols), lane);
+  const __m256i mask_hi = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols - 8), lane);
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    float* row = c + i * ldc;
+    if (accumulate) {
+      lo[i] = _mm256_add_ps(lo[i], _mm256_maskload_ps(row, mask_lo));
+      hi[i] = _mm256_add_ps(hi[i], _mm256_maskload_ps(row + 8, mask_hi));
+    }
+    _mm256_maskstore_ps(row, mask_lo, lo[i]);
+    _mm256_maskstore_ps(row + 8, mask_hi, hi[i]);
+  }
+}
+
+void Avx2Kernel(int64_t kc, const float* a, const float* b, int64_t ldb, float* c,
+                int64_t ldc, int rows, int cols, bool accumulate) {
+  switch (rows) {
+#define TFWEAVE_AVX2_CASE(R) \
+  case R:                    \
+    return Avx2Tile<R>(kc, a, b, ldb, c, ldc, cols, accumulate);
+    TFWEAVE_AVX2_CASE(1) TFWEAVE_AVX2_CASE(2) TFWEAVE_AVX2_CASE(3)
+    TFWEAVE_AVX2_CASE(4) TFWEAVE_AVX2_CASE(5) TFWEAVE_AVX2_CASE(6)
+#undef TFWEAVE_AVX2_CASE
+    default:
+      return;
+  }
+}
+
+#pragma GCC pop_options
+
+#endif  // TFWEAVE_GEMM_X86
+
+enum class Isa { kNone, kAvx2, kAvx512 };
+
+// TFWEAVE_GEMM_ISA=avx2|none caps the choice (tests use it to cover every path on one CPU).
+Isa DetectIsa() {
+#if TFWEAVE_GEMM_X86
+  const char* cap = std::getenv("TFWEAVE_GEMM_ISA");
+  const std::string limit = cap ? cap : "";
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (limit == "none" || limit == "eigen") return Isa::kNone;
+  if (avx512 && limit != "avx2") return Isa::kAvx512;
+  if (avx2) return Isa::kAvx2;
+#endif
+  return Isa::kNone;
+}
+
+Isa SelectedIsaEnum() {
+  static const Isa isa = DetectIsa();
+  return isa;
+}
+
+}  // namespace
+
+bool CanTransposeWithAvx2() {
+#if TFWEAVE_GEMM_X86
+  static const bool avx2 = SelectedIsaEnum() != Isa::kNone && __builtin_cpu_supports("avx2");
+  return avx2;
+#else
+  return false;
+#endif
+}
+
+const char* SelectedIsa() {
+  switch (SelectedIsaEnum()) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "none";
+  }
+}
+
+bool Multiply(const Operands& operands) {
+  switch (SelectedIsaEnum()) {
+#if TFWEAVE_GEMM_X86
+    case Isa::kAvx512:
+      Drive<kAvx512Rows, 32>(operands, &Avx512Kernel);
+      return true;
+    case Isa::kAvx2:
+      Drive<kAvx2Rows, 16>(operands, &Avx2Kernel);
+      return true;
+#endif
+    default:
+      return false;
+  }
+}
+
+}  // namespace gemm
+}  // namespace tfweave
