@@ -111,7 +111,9 @@ class TreeEncoder(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs):
-        left, right, word, roots = (tf.convert_to_tensor(inputs[k], tf.int32)
+        # A cast, not a conversion: Keras traces its default SavedModel signature with float
+        # inputs, and indices arrive as floats there.
+        left, right, word, roots = (tf.cast(inputs[k], tf.int32)
                                     for k in ("left", "right", "word", "roots"))
         if self.mode == "iterative":
             return iterative_encode(self.cell, left, right, word, roots)
