@@ -1,0 +1,66 @@
+"""The CPU kernel picks an AVX-512, AVX2+FMA or Eigen GEMM at run time; every path must agree
+with NumPy, including sizes that fall off the SIMD register tiles and transposes."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+CHECK = textwrap.dedent("""
+    import json
+    import numpy as np
+    from tfweave.ops import grouped_matmul as gmm
+
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    # (sizes, K, M): remainders against the 14/6-row, 32/16-column and 8x8 transpose blocks,
+    # depths across the 256-deep blocks, and more rows than one 252-row block.
+    for sizes, k, m in [([15, 0, 7, 1], 70, 45), ([300, 3], 9, 33), ([5, 13], 600, 17),
+                        ([0, 29], 257, 64), ([2], 1, 1)]:
+        sizes = np.array(sizes)
+        x = rng.standard_normal((sizes.sum(), k)).astype(np.float32)
+        w = rng.standard_normal((len(sizes), k, m)).astype(np.float32)
+        dy = rng.standard_normal((sizes.sum(), m)).astype(np.float32)
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        y = gmm.grouped_matmul(x, w, sizes).numpy()
+        yt = gmm.grouped_matmul(x, np.ascontiguousarray(w.transpose(0, 2, 1)), sizes,
+                                transpose_w=True).numpy()
+        dw = gmm.grouped_matmul_weight_grad(x, dy, sizes).numpy()
+        dwt = gmm.grouped_matmul_weight_grad(x, dy, sizes, transpose_w=True).numpy()
+        for g in range(len(sizes)):
+            rows = slice(offsets[g], offsets[g + 1])
+            ref = x[rows].astype(np.float64) @ w[g]
+            ref_dw = x[rows].T.astype(np.float64) @ dy[rows]
+            scale = 1.0 + np.sqrt(k)
+            worst = max(worst, np.abs(y[rows] - ref).max(initial=0) / scale,
+                        np.abs(yt[rows] - ref).max(initial=0) / scale,
+                        np.abs(dw[g] - ref_dw).max(initial=0) / (1 + np.sqrt(sizes[g])),
+                        np.abs(dwt[g] - ref_dw.T).max(initial=0) / (1 + np.sqrt(sizes[g])))
+    print("RESULT " + json.dumps({"worst": float(worst)}))
+""")
+
+
+def _worst_error(stdout: str) -> float:
+    line = next(l for l in stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])["worst"]
+
+
+def test_default_gemm_path_matches_numpy_on_awkward_sizes(grouped_matmul_library, capsys):
+    exec(CHECK, {})  # in this process: the best ISA this CPU has
+    assert _worst_error(capsys.readouterr().out) < 1e-5
+
+
+@pytest.mark.parametrize("isa", ["avx2", "none"])
+def test_capped_gemm_paths_match_numpy_on_awkward_sizes(grouped_matmul_library, isa):
+    # The ISA is chosen once per process, so each cap runs in its own interpreter.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TFWEAVE_GEMM_ISA=isa)
+    result = subprocess.run([sys.executable, "-c", CHECK], env=env, cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _worst_error(result.stdout) < 1e-5
