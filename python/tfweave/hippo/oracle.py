@@ -420,8 +420,11 @@ class StageTreeOracle(keras_tuner.Oracle):
             if node.status in (PENDING, RUNNING) and node.parent:
                 needed.add(node.parent)
         for path in self.paths.values():
-            if path.get("leaf") and (path["status"] == "pending" or (
-                    self.keep_leaf_checkpoints and path["status"] in ("completed", "stopped"))):
+            if path.get("leaf") and path["status"] == "pending":
+                # Also states further along its schedule: a promotion may continue from them.
+                needed.update(self.tree.existing_along(path["constants"], path["segments"]))
+            elif path.get("leaf") and self.keep_leaf_checkpoints and \
+                    path["status"] in ("completed", "stopped"):
                 needed.add(path["leaf"])
         for node in self.tree.nodes.values():
             if node.checkpoint and node.status == DONE and node.id not in needed:

@@ -121,7 +121,8 @@ class BayesianSearch(GridSearch):
     def on_path_end(self, oracle, trial) -> None:
         inner = self._oracle(oracle)
         for record in self._records:
-            if record[2] == "RUNNING" and record[1] == _user_values(trial.hyperparameters.values):
+            if record[2] == "RUNNING" and \
+                    _user_values(record[1]) == _user_values(trial.hyperparameters.values):
                 record[2] = trial.status if trial.score is not None else "FAILED"
                 record[3] = trial.score
                 inner_trial = inner.trials[record[0]]

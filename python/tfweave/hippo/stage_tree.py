@@ -99,6 +99,19 @@ class StageTree:
                     node = self.fork_at(child.id, end)
         return node.id
 
+    def existing_along(self, constants: dict, segments: Iterable[tuple[dict, int, int]]) -> list:
+        """Ids of the nodes a path would pass through, as far as the tree already has them."""
+        node = self.root_for(constants)
+        out = [node.id]
+        for config, _, end in segments:
+            while node.end < end:
+                child = self._child_with_config(node, config)
+                if child is None or child.end > end:
+                    return out
+                node = child
+                out.append(node.id)
+        return out
+
     def fork_at(self, node_id: str, epoch: int) -> StageNode:
         """Cuts the stage into ``node_id`` at ``epoch``; returns the new node there.
 
