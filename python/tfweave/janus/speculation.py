@@ -421,6 +421,7 @@ class JanusFunction:
         self.calls = 0
         self.traces = 0
         self.relax_scalars = True
+        self._variants: dict = {}
         self.eager_reason: str | None = None
         self._guard_ids = 0
         self._bound: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -693,6 +694,20 @@ class JanusFunction:
                 desc = ("object", desc[1])
             if accessor.root_kind == "arg" and not accessor.path:
                 continue
+            if desc[0] in ("container", "object") and accessor.path and \
+                    isinstance(accessor.path[-1], str):
+                owner_accessor = G.Accessor(accessor.root_kind, accessor.root, accessor.path[:-1],
+                                            accessor.label.rsplit(".", 1)[0])
+                owner = owner_accessor.get(plan.representative.arg_values, self.fn.__globals__,
+                                           self._fn_closure)
+                if isinstance(inspect.getattr_static(type(owner), accessor.path[-1], None),
+                              property):
+                    # A computed attribute (model.trainable_variables) can cost more than the
+                    # graph: guard the object it is computed from, as tf.function does.
+                    accessor, desc = owner_accessor, ("object", owner)
+                    key = (accessor.root_kind, accessor.root, accessor.path)
+                    if accessor.root_kind == "arg" and not accessor.path:
+                        continue
             if key in seen_loads:
                 if seen_loads[key][0] == "input":
                     load_slots[site] = seen_loads[key]
@@ -716,9 +731,14 @@ class JanusFunction:
         owner = self
         speculated = [site for site, decision in plan.sites.items()
                       if decision[0] == "speculate" and self.analysis.sites[site].kind == "branch"]
-        graph_fn, _ = rewrite.build_variant(self.analysis, self.rt, graph=True,
-                                            speculated=speculated)
-        converted = tf.autograph.to_graph(graph_fn, recursive=True)
+        # One graph variant per set of speculated loops, so AutoGraph's conversion cache (keyed
+        # by code object) makes a rebuild after a deopt cost about one trace.
+        key = frozenset(speculated)
+        if key not in self._variants:
+            graph_fn, _ = rewrite.build_variant(self.analysis, self.rt, graph=True,
+                                                speculated=speculated)
+            self._variants[key] = tf.autograph.to_graph(graph_fn, recursive=True)
+        converted = self._variants[key]
         created_variables = []
 
         def creator(next_creator, **kwargs):
@@ -831,6 +851,9 @@ class JanusFunction:
         return self._result(spec, outputs)
 
     def _result(self, spec, outputs):
+        if spec.output_template == [("tensor", 0)] and spec.plan.output == [None] and \
+                isinstance(spec.output_structure, tf.Tensor):
+            return outputs[0]  # the common case: one tensor, no repacking
         leaves = []
         for (kind, payload), python_kind in zip(spec.output_template, spec.plan.output):
             if kind == "const":
