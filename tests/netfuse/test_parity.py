@@ -172,3 +172,16 @@ def test_unsupported_op_on_per_model_tensor_names_op_and_node(tmp_path):
         netfuse.merge(paths)
     assert caught.value.op == "MatrixInverse"
     assert "MatrixInverse" in str(caught.value) and caught.value.node in str(caught.value)
+
+
+@pytest.mark.parametrize("build", [
+    lambda s: arch.resnet_cnn(s, image=12, widths=(4, 8), classes=3),
+    lambda s: arch.resnext_cnn(s, image=12, width=8, cardinality=4, classes=3),
+], ids=["resnet", "resnext"])
+def test_batched_conv_strategy_matches_members(build, rng):
+    # 1x1 convs (strided too) as BatchMatMulV2; 3x3, grouped and dilated depthwise convs (with
+    # their SpaceToBatchND) as one op per member side by side.
+    models = _members(build, 3)
+    merged = netfuse.merge(models, conv_strategy="batched")
+    inputs = [_image(rng, b, 12) for b in (1, 3, 2)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(3)}), inputs)

@@ -105,15 +105,36 @@ def evaluate_member(member, tensors: list[tuple[str, int]]) -> list[np.ndarray]:
         else:
             to_run.append(position)
     if to_run:
+        # Only the constant subgraph the fetches need: importing a whole model's weights once
+        # more per member would dominate merge time for big N.
+        needed = _subgraph(member.graph_def, {tensors[p][0] for p in to_run})
         graph = tf.Graph()
         with graph.as_default():
-            tf.graph_util.import_graph_def(member.graph_def, name="")
+            tf.graph_util.import_graph_def(needed, name="")
         fetches = [graph.get_tensor_by_name(f"{tensors[p][0]}:{tensors[p][1]}") for p in to_run]
         with tf.compat.v1.Session(graph=graph) as session:
             results = session.run(fetches)
         for position, value in zip(to_run, results):
             values[position] = np.asarray(value)
     return values
+
+
+def _subgraph(graph_def, targets: set[str]):
+    """The nodes ``targets`` depend on (data and control edges), as a new GraphDef."""
+    from tensorflow.core.framework import graph_pb2
+    nodes = {node.name: node for node in graph_def.node}
+    keep, stack = set(), list(targets)
+    while stack:
+        name = stack.pop()
+        if name in keep:
+            continue
+        keep.add(name)
+        stack.extend(t.lstrip("^").split(":")[0] for t in nodes[name].input)
+    result = graph_pb2.GraphDef()
+    result.versions.CopyFrom(graph_def.versions)
+    result.library.CopyFrom(graph_def.library)
+    result.node.extend(node for node in graph_def.node if node.name in keep)
+    return result
 
 
 class WeightTable:

@@ -31,6 +31,14 @@ LOG = logging.getLogger("tfweave.netfuse")
 SHARED, MODEL_CONST, STACKED, CHANNELS, MEMBERS = "shared", "model_const", "stacked", \
     "channels", "members"
 
+# How convolutions with per-model filters are merged:
+# - "grouped": one grouped Conv2D over the N members' channels (the model axis folded into
+#   channels), one kernel for all members, as NetFuse does on GPUs.
+# - "batched": 1x1 convolutions become one BatchMatMulV2 over the model axis, wider ones N
+#   Conv2D ops side by side in the one graph (run in parallel by the executor). On CPUs this is
+#   faster: oneDNN's grouped convolution is slow for the thousands of channels N models have.
+CONV_STRATEGIES = ("grouped", "batched")
+
 # Shared constants up to this many elements are inlined as Const nodes; larger ones are stored
 # once as a variable (a GraphDef is limited to 2 GB and constants bloat it).
 INLINE_CONSTANT_LIMIT = 4096
@@ -104,10 +112,15 @@ def _static(shape) -> list | None:
 class Lifter:
     """Emits the lifted graph into the current (function) graph."""
 
-    def __init__(self, num_models: int, store: WeightStore, use_channels: bool = True):
+    def __init__(self, num_models: int, store: WeightStore, use_channels: bool = True,
+                 conv_strategy: str = "grouped"):
+        if conv_strategy not in CONV_STRATEGIES:
+            raise ValueError(f"conv_strategy must be one of {CONV_STRATEGIES}, "
+                             f"not {conv_strategy!r}")
         self.n = num_models
         self.store = store
-        self.use_channels = use_channels
+        self.use_channels = use_channels and conv_strategy == "grouped"
+        self.conv_strategy = conv_strategy
 
     # ---- values and layouts -------------------------------------------------------------
     def shape(self, v: Value) -> list | None:
@@ -490,11 +503,53 @@ def _conv_filter_to_grouped(n):
     return transform
 
 
+def per_member(lx: Lifter, node, ins, per_model_inputs=None):
+    """Emits the op once per member on its slice (unstacking along the model axis is free),
+    and stacks the results: N ops side by side in one graph, never a loop."""
+    import tensorflow as tf
+    slices = []
+    for position, v in enumerate(ins):
+        if v.per_model:
+            slices.append(tf.unstack(lx.stacked(v), num=lx.n, axis=0))
+        else:
+            slices.append([lx.shared(v)] * lx.n)
+    outputs = [lx.clone(node, [s[m] for s in slices]) for m in range(lx.n)]
+    return [Value(STACKED, tf.stack([outs[k] for outs in outputs]))
+            for k in range(len(outputs[0]))]
+
+
+def _pointwise_conv(lx, node, x, f):
+    """A 1x1 convolution with per-model filters as one BatchMatMulV2 over the model axis."""
+    import tensorflow as tf
+    strides = list(node.attr["strides"].list.i)
+    xs = lx.stacked(x)
+    if strides[1] > 1 or strides[2] > 1:
+        xs = xs[:, :, ::strides[1], ::strides[2], :]
+    kernel = lx.weight(f, "pointwise", lambda a: a.reshape(a.shape[0], a.shape[3], a.shape[4]))
+    shape = tf.shape(xs)
+    rows = tf.reshape(xs, tf.stack([lx.n, -1, shape[-1]]))
+    out = tf.linalg.matmul(rows, kernel)
+    out = tf.reshape(out, tf.concat([shape[:-1], tf.shape(kernel)[-1:]], 0))
+    static = _static(xs.shape)
+    out.set_shape(static[:-1] + [f.array.shape[-1]])
+    return [Value(STACKED, out)]
+
+
+def _is_pointwise(node, f) -> bool:
+    kh, kw, cin = f.array.shape[1:4]
+    explicit = node.attr["padding"].s.decode() == "EXPLICIT" if "padding" in node.attr else False
+    return kh == 1 and kw == 1 and not explicit
+
+
 @rule("Conv2D")
 def _conv2d(lx, node, ins):
     x, f = ins
     if _data_format(node) != "NHWC":
         raise UnsupportedOpError(node.op, node.name, "only NHWC convolutions are merged")
+    if f.per_model and f.kind == MODEL_CONST and lx.conv_strategy == "batched":
+        if _is_pointwise(node, f) and f.array.shape[3] == lx.shape(x)[-1]:
+            return _pointwise_conv(lx, node, x, f)
+        return per_member(lx, node, ins)
     if f.per_model:
         # Model axis folded into channels: one grouped convolution with N x groups.
         xc = lx.channels(x, lx.shape(x)[-1])
@@ -512,6 +567,8 @@ def _depthwise(lx, node, ins):
     x, f = ins
     if _data_format(node) != "NHWC":
         raise UnsupportedOpError(node.op, node.name, "only NHWC convolutions are merged")
+    if f.per_model and lx.conv_strategy == "batched":
+        return per_member(lx, node, ins)
     if f.per_model:
         if f.kind != MODEL_CONST:
             raise UnsupportedOpError(node.op, node.name, "filters computed from inputs")
@@ -533,6 +590,8 @@ def _space_to_batch(lx, node, ins):
     x, block, pads = ins
     _require_shared(node, block, "block shape")
     _require_shared(node, pads, "paddings")
+    if lx.conv_strategy == "batched":
+        return per_member(lx, node, ins)
     xc = lx.channels(x, lx.shape(x)[-1])
     return [Value(CHANNELS, lx.clone(node, [xc, lx.shared(block), lx.shared(pads)])[0])]
 
@@ -911,6 +970,12 @@ class LiftPlan:
         self.weights = weights
         self.constants = constants
         self.order = _topological(reference, reachable, constants)
+
+    def release(self):
+        """Frees the weight arrays and the reference graph once tracing is over."""
+        self.weights = None
+        self.reference = None
+        self.constants = None
 
 
 def _topological(member, reachable, constants) -> list[str]:

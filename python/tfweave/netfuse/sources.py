@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 from tfweave.netfuse.errors import MergeError
@@ -49,6 +50,7 @@ def member_name(source, index: int) -> str:
     return name if isinstance(name, str) and name else f"model{index}"
 
 
+_AUTO_INPUT_NAME = re.compile(r"(keras_tensor|input_layer|input)(_\d+)?")
 CALL_OPS = {"PartitionedCall", "StatefulPartitionedCall"}
 
 
@@ -196,8 +198,11 @@ def freeze_keras_model(model, name: str) -> FrozenMember:
                          f"model.export() and merge the SavedModel")
     specs = {}
     for position, tensor in enumerate(inputs):
-        key = getattr(tensor, "name", None) or f"input_{position}"
-        key = key.split(":")[0]
+        key = (getattr(tensor, "name", None) or "").split(":")[0]
+        if not key or _AUTO_INPUT_NAME.fullmatch(key):
+            # Keras numbers unnamed inputs per process (keras_tensor_177), so two copies of one
+            # architecture would not agree: name them by position instead.
+            key = f"input_{position}"
         specs[key] = tf.TensorSpec(tuple(tensor.shape), tf.as_dtype(tensor.dtype), name=key)
     keys = list(specs)
 
@@ -213,6 +218,8 @@ def freeze_keras_model(model, name: str) -> FrozenMember:
 
 def freeze_member(source, index: int, name: str | None = None,
                   signature_key: str = "serving_default") -> FrozenMember:
+    if isinstance(source, FrozenMember):  # already frozen (lets callers merge subsets cheaply)
+        return source
     name = name or member_name(source, index)
     if isinstance(source, (str, os.PathLike)):
         return freeze_saved_model(os.fspath(source), name, signature_key)
