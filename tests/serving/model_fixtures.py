@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import warnings
 
 import numpy as np
 
@@ -98,6 +100,43 @@ def write_handmade_merged(path: str, all_weights, names, sources) -> str:
     return path
 
 
+def write_handmade_stacked(path: str, all_weights, names, sources) -> str:
+    """The stacked form (``netfuse.merge(..., stacked=True)``): ``serving_default`` takes one
+    ``[N, B, IN_DIM]`` tensor ``x`` and returns ``[N, B, ...]`` outputs; the model axis is
+    carried through BatchMatMulV2 with stacked weights, as the merge pass lifts MatMul."""
+    import tensorflow as tf
+
+    n = len(all_weights)
+    layers = len(all_weights[0])
+
+    class Stacked(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = [tf.Variable(np.stack([all_weights[m][l][0] for m in range(n)]))
+                      for l in range(layers)]
+            self.b = [tf.Variable(np.stack([all_weights[m][l][1] for m in range(n)])[:, None])
+                      for l in range(layers)]
+
+        @tf.function(input_signature=[tf.TensorSpec([n, None, IN_DIM], tf.float32, name="x")])
+        def serve(self, x):
+            h = x
+            for l in range(layers):
+                h = tf.matmul(h, self.w[l]) + self.b[l]
+                if l < layers - 1:
+                    h = tf.nn.relu(h)
+            return {"logits": h, "probs": tf.nn.softmax(h)}
+
+    module = Stacked()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    metadata = {"format": 1, "stacked": True,
+                "members": [{"name": nm, "source": src, "index": i}
+                            for i, (nm, src) in enumerate(zip(names, sources))]}
+    os.makedirs(os.path.join(path, "assets"), exist_ok=True)
+    with open(os.path.join(path, "assets", "netfuse.json"), "w") as f:
+        json.dump(metadata, f)
+    return path
+
+
 def netfuse_merge():
     """``tfweave.netfuse.merge`` when the NetFuse part is built, else None."""
     try:
@@ -124,18 +163,32 @@ def build_model_zoo(root: str, n: int = 3, seed: int = 0) -> dict:
     sources = [os.path.join(members[nm], "1") for nm in names]
     merged = os.path.join(root, "merged")
     merge = netfuse_merge()
+    merged_by = "hand"
     if merge is not None:
-        merge(sources, os.path.join(merged, "1"), names=names)
-    else:
+        try:
+            merge(sources, os.path.join(merged, "1"), names=names)
+            merged_by = "netfuse.merge"
+        except Exception as error:
+            # The merge pass is tested by tests/netfuse; here it only supplies a model. While
+            # it is broken the serving tests still run, on the hand-written CONTRACT model.
+            warnings.warn(f"netfuse.merge failed ({error!r}); serving tests use the "
+                          "hand-written merged model")
+            shutil.rmtree(merged, ignore_errors=True)
+    if merged_by == "hand":
         write_handmade_merged(os.path.join(merged, "1"), weights, names, sources)
     contract = os.path.join(root, "contract_merged")
     contract_names = [f"contract{i}" for i in range(n)]
     write_handmade_merged(os.path.join(contract, "1"), weights, contract_names, sources)
+    stacked = os.path.join(root, "stacked_merged")
+    stacked_names = [f"stacked{i}" for i in range(n)]
+    write_handmade_stacked(os.path.join(stacked, "1"), weights, stacked_names, sources)
     references = dict(members)
     references.update({c: members[m] for c, m in zip(contract_names, names)})
+    references.update({c: members[m] for c, m in zip(stacked_names, names)})
     return {"names": names, "weights": weights, "members": members, "merged": merged,
-            "merged_by": "netfuse.merge" if merge is not None else "hand",
+            "merged_by": merged_by,
             "contract_merged": contract, "contract_names": contract_names,
+            "stacked_merged": stacked, "stacked_names": stacked_names,
             "references": references}
 
 

@@ -38,6 +38,9 @@ def server(zoo, start_server, tmp_path_factory):
     contract = "\n".join(
         f'  config {{ name: "{n}" base_path: "{zoo["contract_merged"]}" '
         f'model_platform: "netfuse" }}' for n in zoo["contract_names"])
+    contract += "\n" + "\n".join(
+        f'  config {{ name: "{n}" base_path: "{zoo["stacked_merged"]}" '
+        f'model_platform: "netfuse" }}' for n in zoo["stacked_names"])
     config = write_text(tmp / "models.config", f"""
 model_config_list {{
 {plain}
@@ -111,6 +114,20 @@ def test_hand_written_contract_model_members_equal_the_member_models(stubs, zoo,
         response = predict.Predict(predict_request(name, x), timeout=30)
         assert_outputs({k: tf.make_ndarray(v) for k, v in response.outputs.items()},
                        reference(name, x))
+
+
+def test_stacked_merged_model_members_equal_the_member_models(server, stubs, zoo, reference):
+    """The stacked form ([N, B, ...] inputs): members see [B, ...] and get their own rows."""
+    predict, _ = stubs
+    for name in zoo["stacked_names"]:
+        x = RNG.standard_normal((3, IN_DIM)).astype(np.float32)
+        response = predict.Predict(predict_request(name, x), timeout=30)
+        assert_outputs({k: tf.make_ndarray(v) for k, v in response.outputs.items()},
+                       reference(name, x))
+    answer = requests.get(f"{server.rest}/v1/models/stacked1/metadata", timeout=30).json()
+    shape = answer["metadata"]["signature_def"]["signature_def"]["serving_default"][
+        "inputs"]["x"]["tensor_shape"]["dim"]
+    assert [int(d["size"]) for d in shape] == [-1, IN_DIM]
 
 
 def test_grpc_predict_on_plain_models_equals_their_saved_model(stubs, zoo, reference):

@@ -81,6 +81,8 @@ class SessionModel(LoadedModel):
             with self._lock:
                 fn = self._callables.get(key)
                 if fn is None:
+                    if len(self._callables) >= 256:  # e.g. many output_filter combinations
+                        self._callables.clear()
                     fn = self._session.make_callable(
                         [signature.outputs[k].name for k in output_keys],
                         [signature.inputs[k].name for k in input_keys])

@@ -174,11 +174,20 @@ class MergedModel:
         if [int(m["index"]) for m in members] != list(range(self.num_members)):
             raise ValueError(f"{model.path}/assets/netfuse.json: member indices must be "
                              f"0..{self.num_members - 1}")
-        self.member_inputs = self._split_keys(self.signature.proto.inputs, "input")
-        self.member_outputs = self._split_keys(self.signature.proto.outputs, "output")
+        # Stacked form (netfuse.merge(..., stacked=True)): one [N, B, ...] tensor per name.
+        self.stacked = bool(metadata.get("stacked")) or not any(
+            _MEMBER_KEY.match(k) for k in self.signature.proto.inputs)
+        if self.stacked:
+            self._check_stacked()
+            self.member_inputs = [sorted(self.signature.proto.inputs)] * self.num_members
+            self.member_outputs = [sorted(self.signature.proto.outputs)] * self.num_members
+        else:
+            self.member_inputs = self._split_keys(self.signature.proto.inputs, "input")
+            self.member_outputs = self._split_keys(self.signature.proto.outputs, "output")
         self.member_signatures = [self._member_signature(i) for i in range(self.num_members)]
-        self.ragged = self._probe_ragged()
+        self.ragged = False if self.stacked else self._probe_ragged()
         LOG.info("merged model %s v%d: %d members, %s", name, version, self.num_members,
+                 "stacked [N, B, ...] inputs" if self.stacked else
                  "zero-row inputs for idle members" if self.ragged else
                  "idle members padded (graph needs equal batch sizes)")
         from tfweave.serving.model_config import BatchingParameters
@@ -201,15 +210,50 @@ class MergedModel:
                              f"names: {[sorted(n) for n in per_member]}")
         return [sorted(names) for names in per_member]
 
+    def _check_stacked(self):
+        for what, specs in (("input", self.signature.inputs), ("output", self.signature.outputs)):
+            for key, spec in specs.items():
+                if spec.shape is None or len(spec.shape) < 2 or spec.shape[0] not in (
+                        None, self.num_members):
+                    raise ValueError(
+                        f"merged model {self.model.path}: stacked {what} {key!r} must have "
+                        f"shape [{self.num_members}, batch, ...], has {spec.shape}")
+
     def _member_signature(self, i: int) -> Signature:
         from tensorflow.core.protobuf import meta_graph_pb2
         merged = self.signature.proto
         proto = meta_graph_pb2.SignatureDef(method_name=merged.method_name)
-        for name in self.member_inputs[i]:
-            proto.inputs[name].CopyFrom(merged.inputs[f"m{i}_{name}"])
-        for name in self.member_outputs[i]:
-            proto.outputs[name].CopyFrom(merged.outputs[f"m{i}_{name}"])
+        for target, source, names in ((proto.inputs, merged.inputs, self.member_inputs[i]),
+                                      (proto.outputs, merged.outputs, self.member_outputs[i])):
+            for name in names:
+                if self.stacked:
+                    info = target[name]
+                    info.CopyFrom(source[name])
+                    del info.tensor_shape.dim[0]   # a member sees [B, ...], not [N, B, ...]
+                else:
+                    target[name].CopyFrom(source[f"m{i}_{name}"])
         return Signature(DEFAULT_SIGNATURE, proto)
+
+    def _run_stacked(self, per_member: list[list[Task]], rows: list[int]):
+        batch = max(max(rows), 1)
+        feeds = {}
+        for name in self.member_inputs[0]:
+            like = next(t.inputs[name] for tasks in per_member for t in tasks)
+            stacked = np.zeros((self.num_members, batch) + like.shape[1:], like.dtype) \
+                if like.dtype != object else np.full(
+                    (self.num_members, batch) + like.shape[1:], b"", dtype=object)
+            for i, tasks in enumerate(per_member):
+                offset = 0
+                for task in tasks:
+                    stacked[i, offset:offset + task.rows] = task.inputs[name]
+                    offset += task.rows
+            feeds[name] = stacked
+        outputs = self.model.run(DEFAULT_SIGNATURE, feeds, self.signature.output_keys)
+        results = []
+        for i, tasks in enumerate(per_member):
+            results.append({o: outputs[o][i, :rows[i]] for o in self.member_outputs[i]}
+                           if tasks else {})
+        return results
 
     def _filler(self, key: str, rows: int, like: np.ndarray | None) -> np.ndarray:
         spec = self.signature.inputs[key]
@@ -246,6 +290,8 @@ class MergedModel:
     def run_members(self, per_member: list[list[Task]]) -> list[dict[str, np.ndarray]]:
         """Runs one merged batch; returns each member's outputs (its own rows first)."""
         rows = [sum(t.rows for t in tasks) for tasks in per_member]
+        if self.stacked:
+            return self._run_stacked(per_member, rows)
         padded_rows = rows if self.ragged else [max(max(rows), 1)] * self.num_members
         like = {}
         for tasks in per_member:
@@ -263,9 +309,9 @@ class MergedModel:
                 if padded_rows[i] > rows[i]:
                     parts.append(self._filler(key, padded_rows[i] - rows[i], parts[0]))
                 feeds[key] = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        wanted = tuple(f"m{i}_{o}" for i, tasks in enumerate(per_member) if tasks
-                       for o in self.member_outputs[i])
-        outputs = self.model.run(DEFAULT_SIGNATURE, feeds, wanted)
+        # Always fetch every output: one fixed fetch list means one session callable, where a
+        # fetch list per combination of busy members would build a new callable per batch.
+        outputs = self.model.run(DEFAULT_SIGNATURE, feeds, self.signature.output_keys)
         results = []
         for i, tasks in enumerate(per_member):
             if not tasks:
