@@ -390,9 +390,7 @@ def build_effect_replays(analysis: Analysis) -> dict:
             args=ast.arguments(posonlyargs=[], args=[ast.arg(n) for n in names], kwonlyargs=[],
                                kw_defaults=[], defaults=[]),
             body=body, decorator_list=[])
-        wrapped = types.SimpleNamespace(fn=fn)
         replay, _ = _compile(types.SimpleNamespace(fn=fn), fdef, f"effect{effect.effect_id}",
                              None, extra_freevars=nonlocals)
-        del wrapped
         replays[effect.effect_id] = (replay, names)
     return replays

@@ -249,7 +249,7 @@ class _Trace:
 
     def _writes_so_far(self) -> bool:
         for op in self.graph.get_operations():
-            if op.type.startswith(_WRITE_OP_PREFIXES) and op.type not in ("AssignVariableOp__",):
+            if op.type.startswith(_WRITE_OP_PREFIXES):
                 if op.type in ("If", "While", "Case", "StatefulPartitionedCall") and \
                         not self._body_writes(op):
                     continue
