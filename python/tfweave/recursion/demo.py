@@ -14,14 +14,22 @@ MODULES = ("json/encoder.py", "textwrap.py", "shlex.py", "argparse.py", "csv.py"
            "ast.py", "pprint.py")
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # trace / warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _alternating_ratio(candidate, baseline, repeats: int) -> tuple[float, float, float]:
+    """Median of baseline/candidate time over alternating runs (a loaded machine shifts both)."""
+    candidate()
+    baseline()  # trace and warm up
+    ratios, seconds = [], {"candidate": [], "baseline": []}
+    for i in range(repeats):
+        order = (("candidate", candidate), ("baseline", baseline))
+        timed = {}
+        for name, fn in (order if i % 2 == 0 else order[::-1]):
+            start = time.perf_counter()
+            fn()
+            timed[name] = time.perf_counter() - start
+            seconds[name].append(timed[name])
+        ratios.append(timed["baseline"] / timed["candidate"])
+    return (statistics.median(ratios), statistics.median(seconds["candidate"]),
+            statistics.median(seconds["baseline"]))
 
 
 def run(quick: bool):
@@ -53,12 +61,11 @@ def run(quick: bool):
     import keras
     steps = {name: make_train_step(m, keras.optimizers.SGD(0.0))
              for name, m in (("recursive", model), ("iterative", iterative))}
-    repeats = 3 if quick else 7
-    seconds = {name: _time(lambda s=step: s(inputs, labels), repeats)
-               for name, step in steps.items()}
-    ratio = seconds["iterative"] / seconds["recursive"]
+    ratio, recursive_s, iterative_s = _alternating_ratio(
+        lambda: steps["recursive"](inputs, labels), lambda: steps["iterative"](inputs, labels),
+        5 if quick else 9)
     LOG.info("training step on %d trees: recursive %.3f s, iterative %.3f s (%.2fx)",
-             batch.num_trees, seconds["recursive"], seconds["iterative"], ratio)
+             batch.num_trees, recursive_s, iterative_s, ratio)
     return [
         DemoResult("TreeLSTM loss, first -> last epoch",
                    f"{run_.epoch_losses[0]:.3f} -> {run_.epoch_losses[-1]:.3f}",
