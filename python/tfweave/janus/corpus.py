@@ -864,7 +864,11 @@ def _diff(x, y, where, out):
         if x.dtype != y.dtype:
             out.append(f"{where}: dtype {x.dtype.name} vs {y.dtype.name}")
             return
-        x, y = x.numpy(), y.numpy()
+        try:
+            x, y = x.numpy(), y.numpy()
+        except AttributeError:  # a graph tensor that leaked out of a trace (tf.function)
+            out.append(f"{where}: a symbolic tensor leaked out of a trace")
+            return
     if isinstance(x, (np.ndarray, np.generic)) or isinstance(y, (np.ndarray, np.generic)):
         if type(x) is not type(y) or np.shape(x) != np.shape(y) or not np.allclose(
                 x, y, rtol=1e-5, atol=1e-6, equal_nan=True):
