@@ -30,7 +30,7 @@ def configure_parser(parser) -> None:
                         help="also run the same study trial-based with stock KerasTuner")
     parser.add_argument("--tree", metavar="JSON", default=None,
                         help="plot this saved stage_tree.json instead of running a study")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 

@@ -74,6 +74,8 @@ class StageTreeOracle(keras_tuner.Oracle):
                          allow_new_entries=allow_new_entries, tune_new_entries=tune_new_entries,
                          seed=seed, max_retries_per_trial=max_retries_per_trial,
                          max_consecutive_failed_trials=max_consecutive_failed_trials)
+        if seed is not None:  # KerasTuner replaces a seed of 0 by a random one
+            self.seed = self._seed_state = int(seed)
         self.max_paths = max_trials
         self.max_epochs = max_epochs
         self.search = search_module.make_search(search)
