@@ -146,23 +146,41 @@ class WeightTable:
 
 
 def collect_weights(members, twin_maps, frontier, progress=None) -> WeightTable:
-    """Evaluates the frontier in every member and splits it into shared and per-model values."""
+    """Evaluates the frontier in every member and splits it into shared and per-model values.
+
+    Values are written straight into preallocated ``[N, ...]`` arrays, so peak memory is one
+    stacked copy of the weights (plus the frozen graphs), not two.
+    """
     reference_values = evaluate_member(members[0], frontier)
+    count = len(members)
     differs = [False] * len(frontier)
-    per_member = [reference_values]
-    for index in range(1, len(members)):
+    mismatched: set[int] = set()
+    stacked = []
+    for value in reference_values:
+        array = np.empty((count,) + value.shape, value.dtype)
+        array[0] = value
+        stacked.append(array)
+    for index in range(1, count):
         names = [(twin_maps[index][name], out) for name, out in frontier]
         values = evaluate_member(members[index], names)
-        for position, (a, b) in enumerate(zip(reference_values, values)):
-            if not differs[position] and (a.shape != b.shape or not np.array_equal(a, b)):
+        for position, value in enumerate(values):
+            reference = reference_values[position]
+            if value.shape != reference.shape:
+                mismatched.add(position)
+                continue
+            stacked[position][index] = value
+            if not differs[position] and not np.array_equal(reference, value):
                 differs[position] = True
-        per_member.append(values)
+        del values
         if progress:
             progress(index)
     problems = []
     table = WeightTable()
     for position, tensor in enumerate(frontier):
         value = reference_values[position]
+        if position in mismatched:
+            problems.append(f"constant '{tensor[0]}' has different shapes in the members")
+            continue
         if not differs[position]:
             table.shared[tensor] = value
             continue
@@ -172,7 +190,8 @@ def collect_weights(members, twin_maps, frontier, progress=None) -> WeightTable:
                 f"constant '{tensor[0]}' ({value.dtype}{list(value.shape)}) differs between the "
                 f"members; only floating-point weights may differ (this one shapes the graph)")
             continue
-        table.per_model[tensor] = np.stack([values[position] for values in per_member])
+        table.per_model[tensor] = stacked[position]
+        stacked[position] = None
     if problems:
         raise NotIsomorphicError("the members differ in more than their weights", problems)
     LOG.info("weights: %d per-model tensors (%.1f MB stacked), %d shared constants",

@@ -15,6 +15,7 @@ On-disk contract (the ``tfweave serve`` part relies on it):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -297,19 +298,23 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
     total = len(sources)
     report = progress or (lambda stage, done, count: None)
 
-    members = []
+    members, owned = [], []
     for index, source in enumerate(sources):
-        members.append(freeze_member(source, index, names[index] if names else None,
-                                     signature_key))
-        LOG.info("froze member %d/%d: %s", index + 1, total, members[-1].source)
+        member = freeze_member(source, index, names[index] if names else None, signature_key)
+        owned.append(member is not source)
+        members.append(member)
+        LOG.info("froze member %d/%d: %s", index + 1, total, member.source)
         report("freeze", index + 1, total)
     seen: dict[str, int] = {}
-    for member in members:  # unique member names
-        if member.name in seen:
-            seen[member.name] += 1
-            member.name = f"{member.name}_{seen[member.name]}"
+    for index, member in enumerate(members):  # unique member names
+        name = names[index] if names else member.name
+        if name in seen:
+            seen[name] += 1
+            name = f"{name}_{seen[name]}"
         else:
-            seen[member.name] = 0
+            seen[name] = 0
+        if name != member.name:
+            members[index] = dataclasses.replace(member, name=name)
 
     twin_maps = match_all(members)
     report("match", total, total)
@@ -319,6 +324,9 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
     frontier = frontier_tensors(reference, reachable, constants)
     weights = collect_weights(members, twin_maps, frontier,
                               progress=lambda done: report("weights", done + 1, total))
+    for member, frozen_here in zip(members[1:], owned[1:]):
+        if frozen_here:  # its graph (a full copy of its weights) is no longer needed
+            member.graph_def = None
     plan = LiftPlan(reference, weights, constants, reachable)
     module, concrete, weight_bytes = build_module(plan, total, use_channels=use_channels,
                                                   conv_strategy=conv_strategy)

@@ -1,0 +1,244 @@
+"""NetFuse: one merged run for N models vs (a) N sequential calls and (b) one tf.function.
+
+Baselines, both as fast as stock TensorFlow gets without merging:
+  (a) "sequential": each member's own tf.function (fixed signature), called one after another.
+  (b) "one tf.function": a single tf.function that calls all N members on their inputs, so
+      TensorFlow's executor sees all N graphs at once (inter-op parallelism, one dispatch).
+Candidate: the merged model's ``prefixed`` signature (what ``serving_default`` serves), fed each
+member's own batch.
+
+Cells: a small encoder (L=4, H=256, seq 8) at N = 1/4/8/16/32 and batch 1/4/16; BERT-base
+(L=12, H=768, seq 16) and Keras ResNet-50 (224x224) at fewer N, batch 1. Memory: the merged
+model's weight bytes vs the N members' own. The small-encoder N=32 batch-1 cell also reports
+the run time over the memory-bandwidth bound (N x weight bytes / measured read bandwidth).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+import numpy as np
+
+from benchmarks.harness import compare, ratio_row
+
+LOG = logging.getLogger("benchmarks.netfuse")
+
+SMALL = dict(vocab=1000, layers=4, hidden=256, heads=4, intermediate=1024, max_positions=64)
+BERT_BASE = dict(vocab=30522, layers=12, hidden=768, heads=12, intermediate=3072,
+                 max_positions=512)
+
+
+def _weight_bytes(model) -> int:
+    return int(sum(np.prod(w.shape) * np.dtype(w.dtype).itemsize for w in model.weights))
+
+
+def read_bandwidth_gbs() -> float:
+    """Bytes per second TensorFlow reads from memory (a 512 MB reduction, best of 5)."""
+    import tensorflow as tf
+    big = tf.Variable(tf.ones([128 * 2**20], tf.float32))
+    reduce = tf.function(lambda: tf.reduce_sum(big))
+    reduce()
+    best = min(_timed(reduce) for _ in range(5))
+    del big
+    return 512 * 2**20 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _token_feed(rng, batch, length, vocab):
+    import tensorflow as tf
+    return {"token_ids": tf.constant(rng.integers(0, vocab, size=(batch, length)), tf.int32),
+            "padding_mask": tf.ones((batch, length), tf.int32)}
+
+
+def _image_feed(rng, batch, input_name, size=224):
+    import tensorflow as tf
+    return {input_name: tf.constant(rng.normal(size=(batch, size, size, 3)), tf.float32)}
+
+
+class _Baselines:
+    """Each member's own tf.function, and one tf.function over all members."""
+
+    def __init__(self, models, input_names, specs):
+        import tensorflow as tf
+        self.models = models
+        self.input_names = input_names
+
+        def call(model, feed):
+            args = [feed[name] for name in input_names]
+            return model(args[0] if len(args) == 1 else args, training=False)
+        self.own = [tf.function(lambda feed, m=m: call(m, feed), input_signature=[specs])
+                    for m in models]
+        self.together = tf.function(
+            lambda feeds: [call(m, f) for m, f in zip(models, feeds)],
+            input_signature=[[specs] * len(models)])
+
+    def sequential(self, feeds):
+        return [fn(feed) for fn, feed in zip(self.own, feeds)]
+
+    def all_in_one(self, feeds):
+        return self.together(feeds)
+
+
+def _merged_call(merged, feeds):
+    flat = {f"m{i}_{k}": v for i, feed in enumerate(feeds) for k, v in feed.items()}
+    fn = merged.signatures["prefixed"]
+    return lambda: fn(flat)
+
+
+def _check_parity(merged, baselines, feeds):
+    got = _merged_call(merged, feeds)()
+    want = baselines.sequential(feeds)
+    import tensorflow as tf
+    worst = 0.0
+    for i, outputs in enumerate(want):
+        for j, expected in enumerate(tf.nest.flatten(outputs)):
+            worst = max(worst, float(np.max(np.abs(got[f"m{i}_output_{j}"].numpy()
+                                                   - expected.numpy()))))
+    return worst
+
+
+def _cells(report, label, models, frozen, merge_kwargs, counts, batches, make_feed, specs,
+           input_names, repeats, bandwidth=None, targets=None):
+    from tfweave import netfuse
+    rng = np.random.default_rng(0)
+    member_bytes = _weight_bytes(models[0])
+    speedups: dict[int, dict[int, tuple[float, float]]] = {}
+    for count in counts:
+        start = time.perf_counter()
+        merged = netfuse.merge(frozen[:count], **merge_kwargs)
+        merge_s = time.perf_counter() - start
+        baselines = _Baselines(models[:count], input_names, specs)
+        LOG.info("%s N=%d: merged in %.1f s", label, count, merge_s)
+        for batch in batches:
+            feeds = [make_feed(rng, batch) for _ in range(count)]
+            parity = _check_parity(merged, baselines, feeds)
+            case = f"{label}/N={count}/batch={batch}"
+            extra = {"merge_s": round(merge_s, 2), "max_abs_diff": parity}
+            target_a, target_b = (targets or {}).get((count, batch), (None, None))
+            merged_fn = _merged_call(merged, feeds)
+            row_a = report.add(compare(
+                case, merged_fn, lambda: baselines.sequential(feeds), candidate_name="merged",
+                baseline_name="sequential", repeats=repeats, target=target_a, extra=extra))
+            extra_b = dict(extra)
+            if bandwidth:
+                bound = count * member_bytes / (bandwidth * 1e9)
+                extra_b["bandwidth_bound_s"] = bound
+                extra_b["roofline_ratio"] = round(row_a.candidate_median_s / bound, 2)
+            row_b = report.add(compare(
+                case, merged_fn, lambda: baselines.all_in_one(feeds), candidate_name="merged",
+                baseline_name="one tf.function", repeats=repeats, target=target_b,
+                extra=extra_b))
+            speedups.setdefault(batch, {})[count] = (row_a.ratio_median, row_b.ratio_median)
+        report.add(ratio_row(
+            f"{label}/N={count}/weights", candidate_name="merged", baseline_name="separate",
+            candidate_value=float(merged.metadata["weight_bytes"]),
+            baseline_value=float(count * member_bytes), higher_is_better=False,
+            target=round(1 / 1.1, 3),
+            extra={"note": "ratio = separate bytes / merged bytes; target means merged <= 1.1x"}))
+        del merged, baselines
+        gc.collect()
+    return speedups
+
+
+def _encoder_specs():
+    import tensorflow as tf
+    return {"token_ids": tf.TensorSpec([None, None], tf.int32),
+            "padding_mask": tf.TensorSpec([None, None], tf.int32)}
+
+
+def _small_encoder(report, quick, bandwidth):
+    from tfweave.netfuse import architectures as arch
+    from tfweave.netfuse.sources import freeze_member
+    counts = [1, 4] if quick else [1, 4, 8, 16, 32]
+    batches = [1] if quick else [1, 4, 16]
+    models = [arch.bert_encoder(seed, **SMALL) for seed in range(max(counts))]
+    frozen = [freeze_member(m, i) for i, m in enumerate(models)]
+    LOG.info("small encoder: %d members built and frozen", len(models))
+    targets = {(32, 1): (4.5, 1.5)}
+    speedups = _cells(report, "encoder-L4-H256-seq8", models, frozen, {}, counts, batches,
+                      lambda rng, b: _token_feed(rng, b, 8, SMALL["vocab"]), _encoder_specs(),
+                      ["token_ids", "padding_mask"], repeats=5 if quick else 9,
+                      bandwidth=bandwidth, targets=targets)
+    series = {}
+    for batch, by_count in speedups.items():
+        xs = sorted(by_count)
+        series[f"vs sequential, batch {batch}"] = (xs, [by_count[n][0] for n in xs])
+        series[f"vs one tf.function, batch {batch}"] = (xs, [by_count[n][1] for n in xs])
+    report.plot("speedup_vs_n", series, xlabel="merged models N", ylabel="speedup (x)",
+                title="NetFuse, small encoder (L=4, H=256, seq 8)", logx=True)
+    del models, frozen
+    gc.collect()
+
+
+def _bert_base(report, quick):
+    from tfweave.netfuse import architectures as arch
+    from tfweave.netfuse.sources import freeze_member
+    counts = [2] if quick else [1, 4, 8]
+    config = dict(BERT_BASE, layers=1, vocab=2000) if quick else BERT_BASE
+    label = "bert-base-L1-vocab2k(quick)-seq16" if quick else "bert-base-seq16"
+    models = [arch.bert_encoder(seed, **config) for seed in range(max(counts))]
+    frozen = [freeze_member(m, i) for i, m in enumerate(models)]
+    _cells(report, label, models, frozen, {}, counts, [1],
+           lambda rng, b: _token_feed(rng, b, 16, config["vocab"]), _encoder_specs(),
+           ["token_ids", "padding_mask"], repeats=3 if quick else 5)
+    del models, frozen
+    gc.collect()
+
+
+def _resnet50(report, quick):
+    import keras
+    import tensorflow as tf
+    from tfweave.netfuse.sources import freeze_member
+    from tfweave.netfuse import architectures as arch
+    counts = [2] if quick else [1, 4, 8]
+    size = 32 if quick else 224
+    models = []
+    for seed in range(max(counts)):
+        keras.utils.set_random_seed(seed)
+        # quick: a small ResNet-style CNN stands in for ResNet-50
+        models.append(arch.resnet_cnn(seed, image=size) if quick
+                      else keras.applications.ResNet50(weights=None))
+    frozen = [freeze_member(m, i) for i, m in enumerate(models)]
+    name = frozen[0].inputs[0].name
+    specs = {name: tf.TensorSpec([None, size, size, 3], tf.float32)}
+    label = "resnet-small(quick)" if quick else "resnet50"
+    for strategy in ("batched", "grouped"):
+        _cells(report, f"{label}-{strategy}-conv", models, frozen,
+               {"conv_strategy": strategy}, counts, [1],
+               lambda rng, b: _image_feed(rng, b, name, size), specs, [name],
+               repeats=3 if quick else 5)
+    del models, frozen
+    gc.collect()
+
+
+def run(report, quick: bool) -> None:
+    bandwidth = read_bandwidth_gbs()
+    LOG.info("measured read bandwidth: %.1f GB/s", bandwidth)
+    report.notes.append(f"measured memory read bandwidth {bandwidth:.1f} GB/s (512 MB "
+                        f"tf.reduce_sum); roofline_ratio = merged time / (N x weight bytes / "
+                        f"bandwidth), on the vs-one-tf.function rows")
+    _small_encoder(report, quick, bandwidth)
+    _bert_base(report, quick)
+    _resnet50(report, quick)
+    report.notes.append(
+        "baselines: 'sequential' calls each member's own tf.function in turn; 'one "
+        "tf.function' calls all N members inside one tf.function. Candidate: the merged "
+        "SavedModel's prefixed signature (stock ops).")
+    report.notes.append(
+        "ResNet-50 is merged two ways: conv_strategy='grouped' (one grouped Conv2D for N "
+        "members, the paper's GPU formulation) and 'batched' (1x1 convs as one BatchMatMulV2, "
+        "wider convs one Conv2D per member in the same graph), which is the faster one on CPU.")
+    report.notes.append(
+        "weights rows: ratio = N separate models' weight bytes / merged weight bytes (>= 0.91 "
+        "means the merged model needs at most 1.1x); activations are transient and not counted.")
+    if quick:
+        report.notes.append("quick run: fewer cells, BERT-base cut to 1 layer and a 2k "
+                            "vocabulary, a small ResNet-style CNN instead of ResNet-50; a "
+                            "smoke run, not a measurement")
