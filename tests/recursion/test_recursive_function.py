@@ -144,3 +144,10 @@ def test_non_terminating_recursion_is_a_resource_exhausted_error_naming_it():
 
     with pytest.raises(tf.errors.ResourceExhaustedError, match="never_stops.*max_depth of 300"):
         never_stops(tf.constant(0))
+
+
+def test_gradient_agrees_with_finite_differences():
+    x = tf.constant([0.2, -0.5, 0.9])
+    theoretical, numerical = tf.test.compute_gradient(
+        lambda x: squash(x, tf.constant(4)), [x], delta=1e-3)
+    np.testing.assert_allclose(theoretical[0], numerical[0], atol=2e-3)
