@@ -253,6 +253,10 @@ class Lifter:
         import tensorflow as tf
         graph = tf.compat.v1.get_default_graph()
         attr = {k: v for k, v in node.attr.items() if not k.startswith("_")}
+        if op_type and op_type != node.op:  # keep only the attributes the new op has
+            from tensorflow.python.framework import op_def_registry
+            allowed = {a.name for a in op_def_registry.get(op_type).attr}
+            attr = {k: v for k, v in attr.items() if k in allowed}
         if attrs:
             attr.update(attrs)
         name = re.sub(r"[^A-Za-z0-9_.\-/]", "_", node.name).lstrip("_./-") or "op"

@@ -213,13 +213,13 @@ def build_module(plan, num_members: int, use_channels: bool = True,
     del scratch
     module = tf.Module()
     module.merged_weights = store.create_variables()
-    # Pass 2: the real functions, reading those variables.
-    module.stacked = tf.function(stacked_body, input_signature=stacked_specs,
-                                 autograph=False)
-    module.prefixed = tf.function(prefixed_body, input_signature=prefixed_specs,
-                                  autograph=False)
-    concrete = {"stacked": module.stacked.get_concrete_function(),
-                "prefixed": module.prefixed.get_concrete_function()}
+    # Pass 2: the real functions, reading those variables. They are saved as signatures only
+    # (not as module attributes, which tf.saved_model.save would trace once more).
+    functions = {
+        "stacked": tf.function(stacked_body, input_signature=stacked_specs, autograph=False),
+        "prefixed": tf.function(prefixed_body, input_signature=prefixed_specs,
+                                autograph=False)}
+    concrete = {key: fn.get_concrete_function() for key, fn in functions.items()}
     # Both signatures are traced for good (fixed input signatures): drop the numpy copies of
     # the weights, which the variables now hold.
     plan.release()
@@ -282,6 +282,7 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
 
     Returns a :class:`MergedModel` (runnable in memory; ``.path`` is set when saved).
     """
+    import tensorflow as tf
     from tfweave.netfuse.constants import (collect_weights, constant_nodes, frontier_tensors,
                                            reachable_nodes)
     from tfweave.netfuse.isomorphism import match_all
@@ -355,7 +356,7 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
         LOG.info("wrote merged SavedModel %s", path)
         report("save", total, total)
     callers = {}
-    for key, fn in (("prefixed", module.prefixed), ("stacked", module.stacked)):
-        specs = fn.input_signature
-        callers[key] = (lambda feeds, fn=fn, specs=specs: fn(*[feeds[s.name] for s in specs]))
+    for key, fn in concrete.items():
+        names = [spec.name for spec in tf.nest.flatten(fn.structured_input_signature)]
+        callers[key] = (lambda feeds, fn=fn, names=names: fn(*[feeds[n] for n in names]))
     return MergedModel(metadata, callers, keep_alive=module, path=path)
