@@ -112,14 +112,47 @@ def _run(cmd: list[str]) -> None:
                            f"{result.stdout}{result.stderr}")
 
 
+def cuda_home(nvcc: str) -> Path:
+    """The CUDA toolkit that ``nvcc`` belongs to (its include/ and lib64/).
+
+    ``nvcc`` may be a wrapper script (``/usr/local/bin/nvcc`` here execs
+    ``/usr/local/cuda-13.0/bin/nvcc``), so its resolved path is not enough: ask nvcc itself
+    (``-dryrun`` prints the directory it runs from) before falling back to the usual places.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  str(Path(nvcc).resolve().parents[1])]
+    try:
+        dryrun = subprocess.run([nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                                capture_output=True, text=True, timeout=60)
+        for line in (dryrun.stdout + dryrun.stderr).splitlines():
+            if line.startswith("#$ _HERE_="):
+                candidates.append(str(Path(line.split("=", 1)[1].strip()).parent))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    candidates.append("/usr/local/cuda")
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "include" / "cuda_runtime.h").exists():
+            return Path(candidate)
+    raise RuntimeError(f"cannot find the CUDA toolkit of {nvcc} (no include/cuda_runtime.h in "
+                       f"{', '.join(c for c in candidates if c)}); set CUDA_HOME")
+
+
+def _gpu_defines(cuda: Path) -> list[str]:
+    # nvcc's own CUDA headers go before TensorFlow's include dir: the wheel ships CUDA 12.5
+    # headers under third_party/gpus/, and a CUDA 13 nvcc only accepts its own crt/ headers.
+    return ["-DGOOGLE_CUDA=1", "-DEIGEN_USE_GPU", f"-I{cuda / 'include'}"]
+
+
 def _nvcc_command(nvcc: str, source: Path, obj: Path, tf_info: TensorFlowBuildInfo,
                   repo_root: Path) -> list[str]:
-    cuda_home = Path(nvcc).resolve().parents[1]
+    cuda = cuda_home(nvcc)
+    # One real architecture plus its PTX (JIT-compiled on newer GPUs) keeps the build short;
+    # TFWEAVE_CUDA_ARCH (e.g. "sm_80") picks another. sm_75 is the oldest CUDA 13 supports.
+    arch = os.environ.get("TFWEAVE_CUDA_ARCH", "sm_75")
     return [nvcc, "-c", "-x", "cu", str(source), "-o", str(obj), "-std=c++17", "-O2",
-            "-DGOOGLE_CUDA=1", "-DEIGEN_USE_GPU", "--expt-relaxed-constexpr",
+            f"-arch={arch}", *_gpu_defines(cuda), "--expt-relaxed-constexpr",
             "-Xcompiler", "-fPIC", "-Wno-deprecated-gpu-targets",
-            f"-I{repo_root}", f"-I{cuda_home / 'include'}",
-            *tf_info.compile_flags]
+            f"-I{repo_root}", *tf_info.compile_flags]
 
 
 def build_family(family: OpFamily, out_dir: Path, tf_info: TensorFlowBuildInfo, *,
@@ -141,8 +174,8 @@ def build_family(family: OpFamily, out_dir: Path, tf_info: TensorFlowBuildInfo, 
     nvcc = find_nvcc() if gpu else None
     if gpu and nvcc is None:
         raise RuntimeError("a GPU build was asked for but no nvcc was found (set NVCC)")
-    cuda_home = Path(nvcc).resolve().parents[1] if nvcc else None
-    gpu_flags = ["-DGOOGLE_CUDA=1", "-DEIGEN_USE_GPU", f"-I{cuda_home / 'include'}"] if gpu else []
+    cuda = cuda_home(nvcc) if nvcc else None
+    gpu_flags = _gpu_defines(cuda) if gpu else []
     with tempfile.TemporaryDirectory(prefix=f"tfweave-{family.name}-") as tmp:
         commands = []
         objects = []
@@ -161,7 +194,7 @@ def build_family(family: OpFamily, out_dir: Path, tf_info: TensorFlowBuildInfo, 
         link = [os.environ.get("CXX", "g++"), "-shared", "-o", str(Path(tmp) / library.name),
                 *map(str, objects), *tf_info.link_flags]
         if gpu:
-            link += [f"-L{cuda_home / 'lib64'}", "-lcudart"]
+            link += [f"-L{cuda / 'lib64'}", "-lcudart"]
         _run(link)
         # Rename into place so a reader never sees a half-written library.
         staged = out_dir / (library.name + ".tmp")

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "tf_ops/grouped_matmul/kernels/grouped_matmul.h"
@@ -448,12 +449,44 @@ REGISTER_CPU(Eigen::half);
 #undef REGISTER_CPU
 
 #if GOOGLE_CUDA
-// The functors are defined in grouped_matmul_kernels_gpu.cu.cc.
 namespace functor {
-extern template struct GroupedMatMulFunctor<GPUDevice, float>;
-extern template struct GroupedMatMulFunctor<GPUDevice, Eigen::half>;
-extern template struct GroupedMatMulWeightGradFunctor<GPUDevice, float>;
-extern template struct GroupedMatMulWeightGradFunctor<GPUDevice, Eigen::half>;
+
+// Eigen::half and the launchers' HalfBits are both two bytes of IEEE half.
+template <typename T>
+using GpuElement = std::conditional_t<std::is_same_v<T, Eigen::half>, HalfBits, T>;
+static_assert(sizeof(Eigen::half) == sizeof(HalfBits), "Eigen::half is not 16 bits");
+
+template <typename T>
+const GpuElement<T>* AsGpu(const T* data) {
+  return reinterpret_cast<const GpuElement<T>*>(data);
+}
+
+template <typename T>
+struct GroupedMatMulFunctor<GPUDevice, T> {
+  absl::Status operator()(OpKernelContext* ctx, const GroupedMatMulProblem& p, const T* x,
+                          const T* w, const T* bias, T* y) {
+    const char* error = LaunchGroupedMatMulGpu<GpuElement<T>>(
+        ctx->eigen_device<GPUDevice>().stream(), p, AsGpu(x), AsGpu(w), AsGpu(bias),
+        reinterpret_cast<GpuElement<T>*>(y));
+    if (error != nullptr) return errors::Internal("GroupedMatMul GPU launch failed: ", error);
+    return absl::OkStatus();
+  }
+};
+
+template <typename T>
+struct GroupedMatMulWeightGradFunctor<GPUDevice, T> {
+  absl::Status operator()(OpKernelContext* ctx, const GroupedMatMulProblem& p, const T* x,
+                          const T* dy, T* dw) {
+    const char* error = LaunchGroupedMatMulWeightGradGpu<GpuElement<T>>(
+        ctx->eigen_device<GPUDevice>().stream(), p, AsGpu(x), AsGpu(dy),
+        reinterpret_cast<GpuElement<T>*>(dw));
+    if (error != nullptr) {
+      return errors::Internal("GroupedMatMulWeightGrad GPU launch failed: ", error);
+    }
+    return absl::OkStatus();
+  }
+};
+
 }  // namespace functor
 
 #define REGISTER_GPU(T)                                      \

@@ -1,0 +1,44 @@
+// The grouped matmul problem in plain C++, and the CUDA launchers that solve it.
+//
+// This header includes no TensorFlow or Eigen header on purpose: grouped_matmul_kernels_gpu.cu.cc
+// includes only it and the CUDA runtime, so nvcc compiles it in seconds and does not have to
+// parse TensorFlow's headers (which the wheel pairs with CUDA 12 headers while nvcc here is
+// CUDA 13). The device glue in grouped_matmul_kernels.cc calls the launchers.
+#ifndef TF_OPS_GROUPED_MATMUL_KERNELS_GROUPED_MATMUL_LAUNCH_H_
+#define TF_OPS_GROUPED_MATMUL_KERNELS_GROUPED_MATMUL_LAUNCH_H_
+
+#include <cstdint>
+
+namespace tensorflow {
+namespace functor {
+
+// Group g owns rows offsets[g] .. offsets[g + 1] of x (and of y / dy). `offsets` lives in host
+// memory on every device and has groups + 1 entries: the op computes it from group_sizes, which
+// it validates on the host anyway.
+struct GroupedMatMulProblem {
+  int64_t groups = 0;
+  int64_t rows = 0;  // T
+  int64_t k = 0;
+  int64_t m = 0;
+  bool transpose_w = false;  // w[g] is [M, K] instead of [K, M]
+  const int64_t* offsets = nullptr;
+};
+
+// IEEE half precision as raw bits: layout-compatible with Eigen::half and CUDA's __half.
+struct HalfBits {
+  uint16_t bits;
+};
+
+// Enqueue the kernels on `stream` (a cudaStream_t). They return nullptr on success, else a
+// description of the CUDA error. T is float or HalfBits; accumulation is in float.
+template <typename T>
+const char* LaunchGroupedMatMulGpu(void* stream, const GroupedMatMulProblem& problem,
+                                   const T* x, const T* w, const T* bias, T* y);
+template <typename T>
+const char* LaunchGroupedMatMulWeightGradGpu(void* stream, const GroupedMatMulProblem& problem,
+                                             const T* x, const T* dy, T* dw);
+
+}  // namespace functor
+}  // namespace tensorflow
+
+#endif  // TF_OPS_GROUPED_MATMUL_KERNELS_GROUPED_MATMUL_LAUNCH_H_
