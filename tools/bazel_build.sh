@@ -34,6 +34,7 @@ fi
 # Every op family (a tf_ops/<family>/ops folder, as python -m tfweave.ops.build finds them) must
 # have its BUILD file, or Bazel would silently leave it out.
 for ops_dir in tf_ops/*/ops; do
+  [ -d "$ops_dir" ] || continue
   family_dir="$(dirname "$ops_dir")"
   if [ ! -e "$family_dir/BUILD" ] && [ ! -e "$family_dir/BUILD.bazel" ]; then
     family="$(basename "$family_dir")"
@@ -46,7 +47,20 @@ done
 
 # Read from package metadata (no TensorFlow import): a change of version reconfigures
 # @local_tensorflow, so libraries are never built against headers of another TensorFlow.
-tf_version="$("$python" -c 'import importlib.metadata as m; print(m.version("tensorflow"))')"
+tf_version="$("$python" - <<'PY'
+import importlib.metadata as metadata
+for name in ("tensorflow", "tensorflow-cpu", "tf-nightly"):
+    try:
+        print(metadata.version(name))
+        break
+    except metadata.PackageNotFoundError:
+        pass
+PY
+)"
+if [ -z "$tf_version" ]; then
+  echo "tools/bazel_build.sh: $python has no tensorflow installed; run: make install" >&2
+  exit 2
+fi
 
 time_limit="${TFWEAVE_BAZEL_TIMEOUT:-1800}"
 jobs="${TFWEAVE_BAZEL_JOBS:-$(nproc 2>/dev/null || echo 2)}"
