@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 python="$1"
 # Absolute, but not resolved: a venv's python is a symlink whose own path selects the venv.
 case "$python" in
-  */*) python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")" ;;
+  */*) python="$(cd "$(dirname "$python")" 2>/dev/null && pwd)/$(basename "$python")" ;;
   *) python="$(command -v "$python" || true)" ;;
 esac
 if [ ! -x "$python" ]; then
