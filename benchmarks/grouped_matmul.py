@@ -1,0 +1,151 @@
+"""GroupedMatMul against (a) padding every group to the largest + BatchMatMulV2, (b) a Python
+loop of MatMuls, and (c) one plain MatMul [T, K] x [K, M] as the speed of light.
+
+Every cell multiplies the same T real rows (so the same useful FLOPs) split into G groups, with
+K = M; group sizes are equal (T / G each) or ragged (drawn from 0..2T/G, then scaled to sum to
+T). Ratios are baseline time / candidate time (bigger is better). (a) runs the ragged rows
+through scatter -> BatchMatMulV2 -> gather inside one tf.function, and the candidate runs in a
+tf.function too; with equal groups the padding is a free reshape. (b) and (c) are eager calls
+on preallocated tensors, as is the candidate there. The speed-of-light ratio is the candidate's
+GFLOP/s as a fraction of plain MatMul's.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from benchmarks.harness import compare
+
+LOG = logging.getLogger("benchmarks.grouped_matmul")
+
+TARGET_VS_PADDED_RAGGED = 1.5
+TARGET_VS_PADDED_EQUAL = 0.9
+TARGET_SPEED_OF_LIGHT = 0.70
+
+
+def group_sizes(total_rows: int, groups: int, ragged: bool, rng) -> np.ndarray:
+    """Equal sizes, or sizes drawn uniformly from 0..2*T/G and scaled to sum to exactly T."""
+    if not ragged:
+        return np.full(groups, total_rows // groups, np.int64)
+    draws = rng.integers(0, 2 * total_rows // groups + 1, groups).astype(np.float64)
+    sizes = np.floor(draws * total_rows / max(draws.sum(), 1.0)).astype(np.int64)
+    for g in rng.permutation(groups)[: total_rows - sizes.sum()]:
+        sizes[g] += 1
+    return sizes
+
+
+def _cell(report, tf, gmm, *, groups: int, depth: int, total_rows: int, ragged: bool,
+          repeats: int, rng) -> dict:
+    sizes = group_sizes(total_rows, groups, ragged, rng)
+    k = m = depth
+    flops = 2.0 * total_rows * k * m
+    x = tf.constant(rng.standard_normal((total_rows, k), dtype=np.float32))
+    w = tf.constant(rng.standard_normal((groups, k, m), dtype=np.float32))
+    sizes_t = tf.constant(sizes)
+    longest = int(sizes.max())
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    # Row r of group g sits at g * longest + r in the padded [G, longest, K] batch.
+    padded_rows = tf.constant(np.concatenate(
+        [g * longest + np.arange(n) for g, n in enumerate(sizes)]).astype(np.int32)[:, None])
+
+    @tf.function
+    def candidate_graph():
+        return gmm.grouped_matmul(x, w, sizes_t)
+
+    if ragged:
+        @tf.function
+        def padded_graph():
+            xp = tf.scatter_nd(padded_rows, x, [groups * longest, k])
+            yp = tf.linalg.matmul(tf.reshape(xp, [groups, longest, k]), w)  # BatchMatMulV2
+            return tf.gather_nd(tf.reshape(yp, [groups * longest, m]), padded_rows)
+    else:
+        @tf.function
+        def padded_graph():
+            yp = tf.linalg.matmul(tf.reshape(x, [groups, longest, k]), w)
+            return tf.reshape(yp, [total_rows, m])
+
+    # Independent check before timing: the candidate and every baseline agree.
+    expected = padded_graph().numpy()
+    np.testing.assert_allclose(candidate_graph().numpy(), expected, rtol=1e-3, atol=1e-2)
+
+    x_parts = [x[offsets[g]:offsets[g + 1]] for g in range(groups)]
+    w_parts = [w[g] for g in range(groups)]
+    w_one = w[0]
+
+    def python_loop():
+        return tf.concat([tf.matmul(xp, wp) for xp, wp in zip(x_parts, w_parts)], 0)
+
+    def candidate_eager():
+        return gmm.grouped_matmul(x, w, sizes_t)
+
+    def plain_matmul():
+        return tf.matmul(x, w_one)
+
+    np.testing.assert_allclose(python_loop().numpy(), expected, rtol=1e-3, atol=1e-2)
+    shape = "ragged" if ragged else "equal"
+    case = f"G={groups}/K=M={depth}/T={total_rows}/{shape}"
+    extra = {"groups": groups, "k": k, "m": m, "rows": total_rows, "sizes": shape,
+             "largest_group": longest, "padding_overhead": groups * longest / total_rows}
+    padded = report.add(compare(
+        case, candidate_graph, padded_graph, candidate_name="GroupedMatMul",
+        baseline_name="pad+BatchMatMulV2", repeats=repeats,
+        target=TARGET_VS_PADDED_RAGGED if ragged else TARGET_VS_PADDED_EQUAL, extra=extra))
+    report.add(compare(case, candidate_eager, python_loop, candidate_name="GroupedMatMul",
+                       baseline_name="loop of MatMul", repeats=repeats, extra=extra))
+    light = report.add(compare(
+        case, candidate_eager, plain_matmul, candidate_name="GroupedMatMul",
+        baseline_name="one MatMul (speed of light)", repeats=repeats,
+        target=TARGET_SPEED_OF_LIGHT, extra=dict(extra)))
+    light.extra["candidate_gflops"] = flops / light.candidate_median_s / 1e9
+    light.extra["matmul_gflops"] = flops / light.baseline_median_s / 1e9
+    return {"case": case, "gflops": flops / padded.candidate_median_s / 1e9,
+            "padded_gflops": flops / padded.baseline_median_s / 1e9,
+            "matmul_gflops": light.extra["matmul_gflops"]}
+
+
+def run(report, quick: bool) -> None:
+    import tensorflow as tf
+
+    from tfweave.ops import grouped_matmul as gmm
+    from tfweave.ops.build import REBUILD_COMMAND
+
+    try:
+        gmm.load_ops()
+    except ImportError as error:
+        raise SystemExit(f"{error}\n(build the ops first: {REBUILD_COMMAND})")
+    rng = np.random.default_rng(0)
+    groups_list = [8, 64] if quick else [8, 32, 64]
+    depths = [256] if quick else [256, 768]
+    total_rows = 1024 if quick else 2048
+    repeats = 3 if quick else 11
+    curves: dict[str, tuple[list, list]] = {}
+    for depth in depths:
+        for ragged in (False, True):
+            for groups in groups_list:
+                LOG.info("grouped_matmul: G=%d K=M=%d %s", groups, depth,
+                         "ragged" if ragged else "equal")
+                cell = _cell(report, tf, gmm, groups=groups, depth=depth,
+                             total_rows=total_rows, ragged=ragged, repeats=repeats, rng=rng)
+                if ragged and depth == depths[-1]:
+                    for name, key in [("GroupedMatMul", "gflops"),
+                                      ("pad+BatchMatMulV2", "padded_gflops"),
+                                      ("one MatMul", "matmul_gflops")]:
+                        xs, ys = curves.setdefault(name, ([], []))
+                        xs.append(groups)
+                        ys.append(cell[key])
+    report.notes.append(
+        f"T = {total_rows} rows in every cell (same useful FLOPs per K); ragged sizes drawn "
+        "uniformly from 0..2T/G and scaled to sum to T; extra.padding_overhead is the padded "
+        "baseline's rows / T. (a) runs in tf.function for both sides, (b) and (c) eagerly for "
+        "both sides. CPU kernel: " + _isa_note())
+    report.plot("gflops_vs_groups", curves, xlabel="groups G", ylabel="GFLOP/s (useful)",
+                title=f"ragged groups, K = M = {depths[-1]}, T = {total_rows}", logx=True)
+
+
+def _isa_note() -> str:
+    import os
+    cap = os.environ.get("TFWEAVE_GEMM_ISA")
+    return (f"TFWEAVE_GEMM_ISA={cap}" if cap else
+            "best SIMD GEMM this CPU has (AVX-512 or AVX2+FMA, else Eigen)")
