@@ -16,9 +16,10 @@ def digits():
     return study.digits()
 
 
-def _search(tuner, digits, epochs=3):
+def _search(tuner, digits, epochs=3, **kwargs):
     x, y, x_val, y_val = digits
-    tuner.search(x, y, validation_data=(x_val, y_val), epochs=epochs, batch_size=128, verbose=0)
+    tuner.search(x, y, validation_data=(x_val, y_val), epochs=epochs, batch_size=128, verbose=0,
+                 **kwargs)
 
 
 def _leaf_bits(tuner):
@@ -90,8 +91,13 @@ def test_a_raising_trial_fails_alone_and_a_resumed_study_keeps_everything(tmp_pa
     options = dict(objective="val_accuracy", seed=SEED, directory=str(tmp_path),
                    project_name="study")
     tuner = hippo.GridSearch(_fragile(), **options)
-    _search(tuner, digits)
+    logs = tmp_path / "logs"
+    _search(tuner, digits, callbacks=[keras.callbacks.TensorBoard(str(logs))])
     acc = tuner.accounting()
+    # TensorBoard logs per stage, named by epoch range and stage id.
+    stage_logs = sorted(p.name for p in logs.iterdir())
+    assert len(stage_logs) == acc["stages_run"]
+    assert all(name.startswith("stage_") for name in stage_logs)
     # The 16-unit root fails once; both its trials fail, the two 8-unit trials finish.
     assert acc["trials_completed"] == 2 and acc["trials_failed"] == 2
     failed = [t for t in tuner.oracle.get_best_trials(4) if t.status == "FAILED"]
