@@ -46,6 +46,7 @@ from tfweave.janus import analysis as analysis_mod
 from tfweave.janus import guards as G
 from tfweave.janus import profiler as P
 from tfweave.janus import rewrite
+from tfweave.janus import transactions
 
 LOG = logging.getLogger("tfweave.janus")
 
@@ -222,12 +223,18 @@ class Specialisation:
     notes: list = field(default_factory=list)
     effect_records: dict = field(default_factory=dict)
     runs: int = 0
+    # All-or-nothing state (issue #10): set when an in-graph assertion follows a variable write,
+    # or when the graph is compiled by XLA (whose Assert kernel is a no-op).
+    shadowed: bool = False
+    jit_compile: bool = False
+    transaction: object = None  # a transactions.Transaction, when the graph writes shadows
+    xla_guards: list = field(default_factory=list)  # (guard id, output index) checked on the host
+    xla_effects: list = field(default_factory=list)  # (record id, first output, count)
 
     def call(self, flat):
-        try:
-            return self.concrete._call_flat(flat, self.concrete.captured_inputs)
-        except AttributeError:  # pragma: no cover - private API moved
-            return self.concrete(*flat)
+        if self.transaction is not None:
+            return self.transaction.run(flat)
+        return self.concrete._call_flat(flat, self.concrete.captured_inputs)
 
 
 class _Trace:
@@ -243,6 +250,9 @@ class _Trace:
         self.load_inputs: dict = {}
         self.cell_inputs: dict = {}
         self.placeholders = placeholders
+        self.xla = spec.jit_compile
+        self.guard_outputs: list = []  # under XLA: (guard id, scalar bool tensor)
+        self.effect_outputs: list = []  # under XLA: (record id, tensors)
 
     def _outer(self) -> bool:
         return tf.compat.v1.get_default_graph() is self.graph
@@ -299,15 +309,22 @@ class _Trace:
             self.spec.notes.append(f"{what}: not speculated because it runs inside in-graph "
                                    "control flow; left to AutoGraph")
             return None
-        if self._writes_so_far():
-            self.spec.notes.append(f"{what}: not speculated because it comes after a variable "
-                                   "write; left to AutoGraph")
-            return None
+        if not self.spec.shadowed and self._writes_so_far():
+            # The graph then writes shadow copies of its variables and commits them only when
+            # every assertion held (transactions.py), so a failure mid-run leaves no state.
+            self.spec.shadowed = True
+            self.spec.notes.append(f"{what}: asserted after a variable write, so the graph "
+                                   "writes shadow variables committed only if every guard holds")
         return "ok"
 
     def _assert(self, condition, guard: G.InGraphGuard):
-        assert_op = tf.debugging.Assert(condition, [guard.tag])
         self.spec.in_graph_guards[guard.guard_id] = guard
+        if self.xla:
+            # XLA compiles Assert to nothing: the condition becomes an output checked on the host.
+            self.spec.shadowed = True
+            self.guard_outputs.append((guard.guard_id, tf.reshape(condition, [])))
+            return
+        assert_op = tf.debugging.Assert(condition, [guard.tag])
         controller = self.graph.control_dependencies([assert_op])
         controller.__enter__()
         self.controllers.append(controller)
@@ -387,6 +404,14 @@ class _Trace:
                 binding.append(("const", value))
         record_id = len(self.spec.effect_records)
         self.spec.effect_records[record_id] = (effect_id, binding)
+        if self.xla:
+            # py_function cannot run inside an XLA cluster: the values an effect needs leave the
+            # graph as outputs, so only effects that run once per call (not in control flow) fit.
+            if not self._outer():
+                raise TraceFailed("a Python side effect inside in-graph control flow cannot be "
+                                  "recorded under jit_compile=True")
+            self.effect_outputs.append((record_id, tensors))
+            return
         pending = owner.rt.pending
 
         def record(*values):
@@ -403,13 +428,14 @@ class JanusFunction:
     """A Python function run as speculatively specialised graphs, with eager semantics."""
 
     def __init__(self, fn, *, profile_calls: int = 2, max_traces: int = 6, bound_self=None,
-                 name: str | None = None):
+                 name: str | None = None, jit_compile: bool = False):
         if profile_calls < 1:
             raise ValueError("profile_calls must be at least 1 (JANUS needs one eager call to "
                              "know what to speculate on)")
         self.fn = fn
         self.profile_calls = profile_calls
         self.max_traces = max_traces
+        self.jit_compile = jit_compile
         self.bound_self = bound_self
         self.name = name or fn.__qualname__
         self.rt = _Runtime(self)
@@ -457,6 +483,7 @@ class JanusFunction:
         if bound is None:
             bound = JanusFunction(self.fn, profile_calls=self.profile_calls,
                                   max_traces=self.max_traces, bound_self=instance,
+                                  jit_compile=self.jit_compile,
                                   name=f"{self.name} of {type(instance).__name__}")
             self._bound[instance] = bound
         return bound
@@ -635,7 +662,8 @@ class JanusFunction:
 
     def _build(self, plan: Plan) -> Specialisation:
         self.traces += 1
-        spec = Specialisation(number=self.traces, plan=plan, guards=[], feeds=[])
+        spec = Specialisation(number=self.traces, plan=plan, guards=[], feeds=[],
+                              jit_compile=self.jit_compile)
         signature = []
         arg_slots = []  # per parameter: a template to rebuild the argument at trace time
 
@@ -785,11 +813,27 @@ class JanusFunction:
                     else desc[1]
                 outputs.append(tf.cast(cell_value, dtype) if isinstance(cell_value, tf.Tensor)
                                else tf.constant(cell_value, dtype))
+            # Under XLA, effect values and guard conditions leave the graph as outputs.
+            spec.xla_effects, spec.xla_guards = [], []
+            for record_id, tensors in trace.effect_outputs:
+                spec.xla_effects.append((record_id, len(outputs), len(tensors)))
+                outputs.extend(tf.identity(t) for t in tensors)
+            for guard_id, condition in trace.guard_outputs:
+                spec.xla_guards.append((guard_id, len(outputs)))
+                outputs.append(condition)
             return outputs
 
-        function = tf.function(graph_entry, input_signature=signature, autograph=False)
+        function = tf.function(graph_entry, input_signature=signature, autograph=False,
+                               jit_compile=self.jit_compile or None)
         try:
             spec.concrete = function.get_concrete_function()
+            if spec.shadowed:
+                spec.transaction = transactions.Transaction(
+                    spec.concrete, len(signature), split=spec.jit_compile,
+                    guard_outputs=spec.xla_guards)
+                spec.notes.append(transactions.describe(spec.transaction, spec.jit_compile))
+        except transactions.NotTransactional as error:
+            raise TraceFailed(str(error)) from None
         except Exception as error:  # any failure to trace means: this plan cannot be a graph
             message = _first_line(error)
             raise TraceFailed(f"tracing failed ({type(error).__name__}: {message})") from None
@@ -823,9 +867,16 @@ class JanusFunction:
             guard = spec.in_graph_guards[int(match.group(1))]
             pending.clear()
             return self._deopt(call_args, [(spec, guard.failure())], in_graph=True)
+        except transactions.HostGuardFailed as failed:
+            # XLA: a guard returned False; the transaction has not committed any variable.
+            guard = spec.in_graph_guards[failed.guard_id]
+            return self._deopt(call_args, [(spec, guard.failure())], in_graph=True)
         spec.runs += 1
         self.graph_calls += 1
         outputs = list(outputs) if isinstance(outputs, (list, tuple)) else []
+        if spec.jit_compile:
+            for record_id, first, count in spec.xla_effects:
+                pending.append((record_id, outputs[first:first + count]))
         # Cells first (the graph computed their final values), then effects in program order.
         for cell, desc, value in zip(self.analysis.cells, spec.plan.cells, outputs[spec.n_outputs:]):
             if desc[0] == "relaxed":
@@ -980,14 +1031,18 @@ def _first_line(error) -> str:
     return type(error).__name__
 
 
-def function(fn=None, *, profile_calls: int = 2, max_traces: int = 6):
+def function(fn=None, *, profile_calls: int = 2, max_traces: int = 6,
+             jit_compile: bool = False):
     """Decorator: run ``fn`` as speculative graphs that keep its eager (Python) meaning.
 
     ``profile_calls`` eager calls are profiled before the first graph is built; after
-    ``max_traces`` graphs the function stays eager (with a warning saying why).
+    ``max_traces`` graphs the function stays eager (with a warning saying why). With
+    ``jit_compile`` the graphs are compiled by XLA; in-graph guards are then returned as outputs
+    and checked on the host before any variable write is committed.
     """
     def wrap(f):
-        return JanusFunction(f, profile_calls=profile_calls, max_traces=max_traces)
+        return JanusFunction(f, profile_calls=profile_calls, max_traces=max_traces,
+                             jit_compile=jit_compile)
     return wrap if fn is None else wrap(fn)
 
 
