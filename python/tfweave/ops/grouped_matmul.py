@@ -13,6 +13,12 @@ reloaded SavedModel (load the library, e.g. by importing this module and calling
 ``tf.function(jit_compile=True)`` that contains one fails to compile with an error naming the
 op; use ``jit_compile=False`` (the default) around it.
 
+Three ops make up the family: ``GroupedMatMul``, ``GroupedMatMulBias`` (the same plus a
+per-group bias ``[G, M]``: a separate op, since TF ops have no optional inputs, chosen here by
+``bias=``) and ``GroupedMatMulWeightGrad`` (the gradient for ``w``). CPU kernels exist for
+float32, bfloat16 and float16 (the latter two computed in float32); CUDA kernels for float32 and
+float16 are compiled into ``_grouped_matmul_ops_gpu.so`` when nvcc exists.
+
 Gradients for ``x``, ``w`` and ``bias`` are registered here (and second-order gradients through
 the weight-gradient op), so ``tf.GradientTape`` works through the ops.
 """
@@ -68,11 +74,10 @@ def grouped_matmul_weight_grad(x, dy, group_sizes, *, transpose_w: bool = False,
                                                   name=name)
 
 
-def _segment_ids(group_sizes, rows):
+def _segment_ids(group_sizes):
     """Row -> group index, for the bias gradient (empty groups simply get no rows)."""
     sizes = tf.cast(group_sizes, tf.int64)
-    return tf.repeat(tf.range(tf.size(sizes, out_type=tf.int64), dtype=tf.int64), sizes,
-                     axis=0)[:rows]
+    return tf.repeat(tf.range(tf.size(sizes, out_type=tf.int64), dtype=tf.int64), sizes, axis=0)
 
 
 def _matmul_grads(op, dy):
@@ -95,7 +100,7 @@ def _grouped_matmul_grad(op, dy):
 def _grouped_matmul_bias_grad(op, dy):
     dx, dw = _matmul_grads(op, dy)
     group_sizes = op.inputs[2]
-    dbias = tf.math.unsorted_segment_sum(dy, _segment_ids(group_sizes, tf.shape(dy)[0]),
+    dbias = tf.math.unsorted_segment_sum(dy, _segment_ids(group_sizes),
                                          num_segments=tf.shape(group_sizes, out_type=tf.int64)[0])
     return dx, dw, None, dbias
 

@@ -40,6 +40,7 @@ class Scratch {
       std::free(data_);
       capacity_ = std::max<int64_t>(floats, 2 * capacity_);
       data_ = static_cast<float*>(std::aligned_alloc(64, (capacity_ * 4 + 63) / 64 * 64));
+      if (data_ == nullptr) capacity_ = 0;
     }
     return data_;
   }
@@ -108,18 +109,22 @@ void PackB(const Operands& op, int64_t k0, int64_t kc, int64_t j0, int nr, int p
   }
 }
 
+// Returns false only when the scratch buffers cannot be allocated (the caller then uses Eigen).
 template <int MR, int NR>
-void Drive(const Operands& op, MicroKernel kernel) {
-  if (op.rows <= 0 || op.cols <= 0) return;
+bool Drive(const Operands& op, MicroKernel kernel) {
+  if (op.rows <= 0 || op.cols <= 0) return true;
   if (op.depth <= 0) {
-    for (int64_t i = 0; i < op.rows; ++i) std::fill(op.c + i * op.ldc, op.c + i * op.ldc + op.cols, 0.0f);
-    return;
+    for (int64_t i = 0; i < op.rows; ++i) {
+      std::fill(op.c + i * op.ldc, op.c + i * op.ldc + op.cols, 0.0f);
+    }
+    return true;
   }
   static thread_local Scratch a_scratch, b_scratch;
   const int64_t kc_max = std::min(kDepthBlock, op.depth);
   const int64_t mc_max = std::min(kRowBlock, op.rows);
   float* a_pack = a_scratch.Get((mc_max + MR) * kc_max);
   float* b_pack = b_scratch.Get(NR * kc_max);
+  if (a_pack == nullptr || b_pack == nullptr) return false;
   for (int64_t k0 = 0; k0 < op.depth; k0 += kDepthBlock) {
     const int64_t kc = std::min(kDepthBlock, op.depth - k0);
     for (int64_t ic = 0; ic < op.rows; ic += kRowBlock) {
@@ -149,6 +154,7 @@ void Drive(const Operands& op, MicroKernel kernel) {
       }
     }
   }
+  return true;
 }
 
 #if TFWEAVE_GEMM_X86
@@ -367,11 +373,9 @@ bool Multiply(const Operands& operands) {
   switch (SelectedIsaEnum()) {
 #if TFWEAVE_GEMM_X86
     case Isa::kAvx512:
-      Drive<kAvx512Rows, 32>(operands, &Avx512Kernel);
-      return true;
+      return Drive<kAvx512Rows, 32>(operands, &Avx512Kernel);
     case Isa::kAvx2:
-      Drive<kAvx2Rows, 16>(operands, &Avx2Kernel);
-      return true;
+      return Drive<kAvx2Rows, 16>(operands, &Avx2Kernel);
 #endif
     default:
       return false;

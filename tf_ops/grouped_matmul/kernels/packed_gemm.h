@@ -32,7 +32,7 @@ struct Operands {
 const char* SelectedIsa();
 
 // Computes the product with the fastest available micro-kernel; returns false (and writes
-// nothing) when the CPU has neither AVX-512F nor AVX2+FMA.
+// nothing) when the CPU has neither AVX-512F nor AVX2+FMA, or scratch memory runs out.
 bool Multiply(const Operands& operands);
 
 }  // namespace gemm
