@@ -1,5 +1,10 @@
 """GroupedMatMul against an independent per-group reference (NumPy and tf.matmul per group)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -223,3 +228,46 @@ def test_jit_compile_false_runs_and_jit_compile_true_fails_naming_the_op(gmm):
     xla = tf.function(lambda x, w, s: gmm.grouped_matmul(x, w, s), jit_compile=True)
     with pytest.raises(tf.errors.InvalidArgumentError, match="GroupedMatMul"):
         xla(x, w, sizes)
+
+
+RELOAD_IN_FRESH_PROCESS = """
+import sys
+import numpy as np
+import tensorflow as tf
+path = sys.argv[1]
+try:
+    tf.saved_model.load(path)
+    print("LOADED_WITHOUT_LIBRARY")
+except Exception as error:  # the op is unknown until its library is loaded
+    print("WITHOUT_LIBRARY:", "GroupedMatMul" in str(error))
+from tfweave.ops import grouped_matmul
+grouped_matmul.load_ops()
+loaded = tf.saved_model.load(path)
+x = np.arange(12, dtype=np.float32).reshape(3, 4)
+print("OUTPUT", loaded(x, np.array([1, 2], np.int32)).numpy().tolist())
+"""
+
+
+def test_saved_model_reloads_in_a_fresh_process_once_the_library_is_loaded(gmm, tmp_path):
+    w = np.random.default_rng(15).standard_normal((2, 4, 3)).astype(np.float32)
+
+    class Layer(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(w)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 4]), tf.TensorSpec([2], tf.int32)])
+        def __call__(self, x, group_sizes):
+            return gmm.grouped_matmul(x, self.w, group_sizes)
+
+    tf.saved_model.save(Layer(), str(tmp_path / "model"))
+    result = subprocess.run(
+        [sys.executable, "-c", RELOAD_IN_FRESH_PROCESS, str(tmp_path / "model")],
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "WITHOUT_LIBRARY: True" in lines, result.stdout
+    output = np.array(json.loads(next(l for l in lines if l.startswith("OUTPUT "))[7:]))
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.testing.assert_allclose(output, _numpy_reference(x, w, np.array([1, 2])), rtol=1e-5)
