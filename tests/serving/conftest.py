@@ -16,11 +16,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-import model_fixtures  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.serving import model_fixtures
+from tests.serving.model_fixtures import REPO
 READY_TIMEOUT_S = 90
 
 
@@ -104,8 +101,3 @@ def start_server(tmp_path_factory):
     yield start
     for server in started:
         server.stop()
-
-
-def write_text(path: Path, text: str) -> str:
-    path.write_text(text)
-    return str(path)

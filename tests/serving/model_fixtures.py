@@ -14,10 +14,18 @@ import json
 import os
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 
 IN_DIM, HIDDEN, OUT_DIM = 6, 16, 3
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_text(path: Path, text: str) -> str:
+    """Writes a config file for a test and returns its path as the server's flags want it."""
+    path.write_text(text)
+    return str(path)
 
 
 def _member_module(weights):

@@ -12,8 +12,8 @@ import requests
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from conftest import write_text
-from model_fixtures import IN_DIM
+from tests.serving.model_fixtures import write_text
+from tests.serving.model_fixtures import IN_DIM
 
 
 @pytest.fixture(scope="module")

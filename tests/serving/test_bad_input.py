@@ -18,7 +18,7 @@ import requests
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from model_fixtures import IN_DIM
+from tests.serving.model_fixtures import IN_DIM
 
 MAX_REQUEST_BYTES = 64 * 1024
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, write_text
+from tests.serving.model_fixtures import REPO, write_text
 from tfweave.serving.model_config import (ConfigError, parse_batching_parameters,
                                           parse_model_server_config, versions_to_load)
 from tfweave.serving.server import entries_for_base_path

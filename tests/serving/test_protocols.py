@@ -17,8 +17,8 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc, regression_pb2)
 
-from conftest import write_text
-from model_fixtures import IN_DIM
+from tests.serving.model_fixtures import write_text
+from tests.serving.model_fixtures import IN_DIM
 
 RNG = np.random.default_rng(42)
 
