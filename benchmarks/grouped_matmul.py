@@ -119,7 +119,7 @@ def run(report, quick: bool) -> None:
     groups_list = [8, 64] if quick else [8, 32, 64]
     depths = [256] if quick else [256, 768]
     total_rows = 1024 if quick else 2048
-    repeats = 3 if quick else 11
+    repeats = 3 if quick else 21
     curves: dict[str, tuple[list, list]] = {}
     for depth in depths:
         for ragged in (False, True):

@@ -84,11 +84,16 @@ __global__ void GroupedMatMulKernel(GroupTable table, int64_t k, int64_t m, bool
     for (int r = threadIdx.y; r < kTile; r += kRowsPerPass) {
       const int64_t row = row_begin + r, kk = k0 + threadIdx.x;
       x_tile[r][threadIdx.x] = (row < row_end && kk < k) ? ToFloat(x[row * k + kk]) : 0.0f;
-      // w_tile[kk][c]: w[g][k0 + r][col] or, transposed, w[g][col][k0 + r].
-      const int64_t wk = k0 + r;
-      float value = 0.0f;
-      if (wk < k && col < m) value = ToFloat(transpose_w ? wg[col * k + wk] : wg[wk * m + col]);
-      w_tile[r][threadIdx.x] = value;
+      // w_tile[depth][column]. Consecutive threads read consecutive addresses either way: along
+      // M for w[g] as [K, M], along K (storing transposed) for w[g] as [M, K].
+      if (transpose_w) {
+        const int64_t tile_col = int64_t{blockIdx.y} * kTile + r;
+        w_tile[threadIdx.x][r] =
+            (kk < k && tile_col < m) ? ToFloat(wg[tile_col * k + kk]) : 0.0f;
+      } else {
+        const int64_t wk = k0 + r;
+        w_tile[r][threadIdx.x] = (wk < k && col < m) ? ToFloat(wg[wk * m + col]) : 0.0f;
+      }
     }
     __syncthreads();
 #pragma unroll
