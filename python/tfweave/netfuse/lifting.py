@@ -626,28 +626,17 @@ def _fused_batch_norm(lx, node, ins):
         raise UnsupportedOpError(node.op, node.name, "batch-norm parameters computed from inputs")
 
     if not training:
-        # Inference: y = x * a + b with a = scale / sqrt(var + eps), b = offset - mean * a,
-        # folded per member ahead of time.
-        params = (scale, offset, mean, variance)
-        if any(v.kind not in (SHARED, MODEL_CONST) or (v.kind == SHARED and v.array is None)
-               for v in params):
-            raise UnsupportedOpError(node.op, node.name, "batch-norm parameters from inputs")
-
-        def stack(v):
-            return v.array if v.kind == MODEL_CONST else np.broadcast_to(
-                v.array, (lx.n,) + v.array.shape)
-        s, o, m, var = (stack(v).astype(np.float32) for v in params)
-        a = s / np.sqrt(var + np.float32(eps))
-        b = o - m * a
-        key = scale.key or node.name
-        av = per_channel(Value(MODEL_CONST, array=a, key=key + "/bn_scale"), "")
-        bv = per_channel(Value(MODEL_CONST, array=b, key=key + "/bn_shift"), "")
+        av, bv = _folded_batch_norm(lx, node, ins, per_channel)
         mul_node = _FakeNode("Mul", node.name + "/scale", node.attr["T"])
         add_node = _FakeNode("AddV2", node.name + "/shift", node.attr["T"])
         (y,) = elementwise(lx, mul_node, [x, av])
         (y,) = elementwise(lx, add_node, [y, bv])
         return [y]
     # Training mode (tf_keras LayerNormalization uses it): statistics per member and channel.
+        if any(v.kind not in (SHARED, MODEL_CONST) or (v.kind == SHARED and v.array is None)
+               for v in params):
+            raise UnsupportedOpError(node.op, node.name, "batch-norm parameters from inputs")
+
     xs = lx.stacked(x)
     axes = [a + 1 for a in range(rank) if a != channel_axis]
     batch_mean = tf.reduce_mean(xs, axes, keepdims=True)
@@ -658,6 +647,39 @@ def _fused_batch_norm(lx, node, ins):
     normed = normed * (lx.stacked(sv, rank) if sv.per_model else lx.shared(sv))
     normed = normed + (lx.stacked(ov, rank) if ov.per_model else lx.shared(ov))
     return [Value(STACKED, normed)]
+
+
+def _folded_batch_norm(lx, node, ins, per_channel):
+    """Inference batch norm as ``x * a + b``: a = scale / sqrt(var + eps), b = offset - mean * a,
+    folded per member ahead of time. Returns (a, b) shaped to broadcast against x."""
+    scale, offset, mean, variance = ins[1:5]
+    eps = node.attr["epsilon"].f if "epsilon" in node.attr else 1e-3
+    params = (scale, offset, mean, variance)
+    if any(v.kind not in (SHARED, MODEL_CONST) or (v.kind == SHARED and v.array is None)
+           for v in params):
+        raise UnsupportedOpError(node.op, node.name, "batch-norm parameters from inputs")
+
+    def stack(v):
+        return v.array if v.kind == MODEL_CONST else np.broadcast_to(
+            v.array, (lx.n,) + v.array.shape)
+    s, o, m, var = (stack(v).astype(np.float32) for v in params)
+    a = s / np.sqrt(var + np.float32(eps))
+    b = o - m * a
+    key = scale.key or node.name
+    return (per_channel(Value(MODEL_CONST, array=a, key=key + "/bn_scale"), ""),
+            per_channel(Value(MODEL_CONST, array=b, key=key + "/bn_shift"), ""))
+
+
+def batch_norm_channel_shaper(lx, node, x):
+    """The ``per_channel`` reshaper _fused_batch_norm uses, for other rule sets."""
+    rank = lx.rank(x, node)
+    channel_axis = rank - 1 if _data_format(node) in ("NHWC", "NDHWC") else 1
+    trailing = rank - 1 - channel_axis
+
+    def per_channel(v, key_suffix):
+        return Value(MODEL_CONST, array=v.array.reshape(v.array.shape + (1,) * trailing),
+                     key=v.key + key_suffix)
+    return per_channel
 
 
 class _FakeNode:
@@ -1043,10 +1065,14 @@ def lift(plan: LiftPlan, lifter: Lifter, inputs: dict[str, Value]) -> dict[str, 
             outs = [Value(SHARED, tensor=t) for t in lifter.clone(node, [lifter.shared(v)
                                                                         for v in ins])]
         else:
-            handler = RULES.get(node.op)
+            rules = RULES
+            if any(v.kind == "ragged" for v in ins):
+                from tfweave.netfuse.ragged import RAGGED_RULES as rules
+            handler = rules.get(node.op)
             if handler is None:
-                raise UnsupportedOpError(node.op, node.name,
-                                         "no merge rule for this op on per-model tensors")
+                raise UnsupportedOpError(
+                    node.op, node.name, "no merge rule for this op on per-model tensors"
+                    + (" in ragged mode" if rules is not RULES else ""))
             outs = handler(lifter, node, ins)
         for index, value in enumerate(outs):
             if value is not None:

@@ -49,6 +49,7 @@ class MergedModel:
         self.signatures = signatures
         self.path = path
         self._keep_alive = keep_alive  # the module owning the variables
+        self.functions: dict = {}  # in-memory merges: signature name -> ConcreteFunction
         self.members = [m["name"] for m in metadata["members"]]
         self.input_specs = metadata["inputs"]
         self.output_specs = metadata["outputs"]
@@ -101,6 +102,15 @@ class MergedModel:
         results = self.signatures["stacked"]({k: tf.constant(v) for k, v in inputs.items()})
         return {k: v.numpy() for k, v in results.items()}
 
+    def run_ragged(self, inputs: dict, group_sizes) -> dict:
+        """Ragged mode: ``{input_name: rows of all members}`` and ``group_sizes`` ``[N]``."""
+        import tensorflow as tf
+        if "ragged" not in self.signatures:
+            raise MergeError("this merged model was not merged with mode='ragged'")
+        feeds = {k: tf.constant(v) for k, v in inputs.items()}
+        feeds["group_sizes"] = tf.constant(group_sizes, tf.int32)
+        return {k: v.numpy() for k, v in self.signatures["ragged"](feeds).items()}
+
     def __call__(self, requests: dict) -> dict:
         return self.run(requests)
 
@@ -117,9 +127,11 @@ def load_merged(path: str) -> MergedModel:
     if metadata.get("format") != FORMAT_VERSION:
         raise MergeError(f"{meta_path}: format {metadata.get('format')} is not supported "
                          f"(this tfweave reads format {FORMAT_VERSION})")
+    if metadata.get("mode") == "ragged":
+        load_ragged_ops()
     loaded = tf.saved_model.load(path)
     callers = {key: (lambda feeds, fn=loaded.signatures[key]: fn(**feeds))
-               for key in ("prefixed", "stacked")}
+               for key in loaded.signatures if key != "serving_default"}
     return MergedModel(metadata, callers, keep_alive=loaded, path=path)
 
 
@@ -189,8 +201,57 @@ def build_signature_functions(plan, lifter_factory, num_members: int):
     return stacked_body, prefixed_body
 
 
+def build_ragged_functions(plan, lifter_factory, num_members: int):
+    """Ragged mode: ``ragged`` (rows of all members + group_sizes) and a ``prefixed`` body that
+    concatenates the members' inputs instead of padding them."""
+    import tensorflow as tf
+    from tfweave.netfuse.ragged import ragged_outputs
+
+    reference = plan.reference
+    input_names = [info.name for info in reference.inputs]
+    output_names = [info.name for info in reference.outputs]
+
+    def ragged_body(*tensors):
+        *rows, sizes = tensors
+        outs = ragged_outputs(plan, lifter_factory(), input_names, output_names, rows, sizes)
+        return {name: tf.identity(outs[name][0], name=name) for name in output_names}
+
+    def prefixed_body(*tensors):
+        k = len(input_names)
+        per_member = [tensors[i * k:(i + 1) * k] for i in range(num_members)]
+        sizes = tf.stack([tf.shape(member[0])[0] for member in per_member])
+        rows = [tf.concat([member[p] for member in per_member], 0) for p in range(k)]
+        outs = ragged_outputs(plan, lifter_factory(), input_names, output_names, rows, sizes)
+        result = {}
+        for name in output_names:
+            tensor, out_sizes = outs[name]
+            for index, part in enumerate(tf.split(tensor, out_sizes, num=num_members, axis=0)):
+                key = prefixed_name(index, name)
+                result[key] = tf.identity(part, name=key)
+        return result
+
+    return ragged_body, prefixed_body
+
+
+def _ragged_specs(reference, num_members: int):
+    import tensorflow as tf
+    specs = [tf.TensorSpec(info.shape, tf.as_dtype(info.dtype), name=info.name)
+             for info in reference.inputs]
+    return specs + [tf.TensorSpec([num_members], tf.int32, name="group_sizes")]
+
+
+def load_ragged_ops():
+    """The GroupedMatMul library ragged merged models need, loaded into this process."""
+    from tfweave.netfuse.errors import MergeError as _MergeError
+    try:
+        from tfweave.ops.grouped_matmul import load_ops
+        return load_ops()
+    except ImportError as error:  # OpLibraryError is an ImportError
+        raise _MergeError(f"mode='ragged' needs tfweave's grouped_matmul op library: {error}")
+
+
 def build_module(plan, num_members: int, use_channels: bool = True,
-                 conv_strategy: str = "grouped"):
+                 conv_strategy: str = "grouped", mode: str = "stock"):
     """Traces the merged functions (twice: plan weights, then for real) into a tf.Module."""
     import tensorflow as tf
     from tfweave.netfuse.lifting import Lifter, WeightStore
@@ -205,20 +266,24 @@ def build_module(plan, num_members: int, use_channels: bool = True,
     stacked_specs = _input_specs(plan.reference, num_members, stacked=True)
     prefixed_specs = _input_specs(plan.reference, num_members, stacked=False)
 
+    bodies = {"stacked": (stacked_body, stacked_specs),
+              "prefixed": (prefixed_body, prefixed_specs)}
+    if mode == "ragged":
+        ragged_body, prefixed_ragged = build_ragged_functions(plan, make_lifter, num_members)
+        bodies["prefixed"] = (prefixed_ragged, prefixed_specs)
+        bodies["ragged"] = (ragged_body, _ragged_specs(plan.reference, num_members))
     # Pass 1: find every weight the rules ask for, in the layout they ask for it.
     scratch = tf.Graph()
     with scratch.as_default():
-        stacked_body(*[tf.compat.v1.placeholder(s.dtype, s.shape) for s in stacked_specs])
-        prefixed_body(*[tf.compat.v1.placeholder(s.dtype, s.shape) for s in prefixed_specs])
+        for body, specs in bodies.values():
+            body(*[tf.compat.v1.placeholder(s.dtype, s.shape) for s in specs])
     del scratch
     module = tf.Module()
     module.merged_weights = store.create_variables()
     # Pass 2: the real functions, reading those variables. They are saved as signatures only
     # (not as module attributes, which tf.saved_model.save would trace once more).
-    functions = {
-        "stacked": tf.function(stacked_body, input_signature=stacked_specs, autograph=False),
-        "prefixed": tf.function(prefixed_body, input_signature=prefixed_specs,
-                                autograph=False)}
+    functions = {key: tf.function(body, input_signature=specs, autograph=False)
+                 for key, (body, specs) in bodies.items()}
     concrete = {key: fn.get_concrete_function() for key, fn in functions.items()}
     # Both signatures are traced for good (fixed input signatures): drop the numpy copies of
     # the weights, which the variables now hold.
@@ -244,8 +309,8 @@ def save_merged(module, concrete: dict, metadata: dict, output_dir: str,
     staging = tempfile.mkdtemp(prefix=".netfuse-", dir=parent)
     try:
         default = "stacked" if metadata["stacked"] else "prefixed"
-        signatures = {"serving_default": concrete[default], "prefixed": concrete["prefixed"],
-                      "stacked": concrete["stacked"]}
+        signatures = dict(concrete)
+        signatures["serving_default"] = concrete[default]
         tf.saved_model.save(module, staging, signatures=signatures)
         os.makedirs(os.path.join(staging, "assets"), exist_ok=True)
         with open(os.path.join(staging, "assets", METADATA_FILE), "w") as handle:
@@ -273,7 +338,10 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
       output_dir: where to write the merged SavedModel (must not exist unless ``overwrite``).
       names: member names (default: folder names, or Keras model names).
       stacked: ``serving_default`` takes ``[N, B, ...]`` inputs instead of ``m{i}_name`` ones.
-      mode: ``"stock"`` (stock TF ops only).
+      mode: ``"stock"`` (stock TF ops only) or ``"ragged"``: the prefixed signature runs the
+        members' rows concatenated, without padding, through tfweave's GroupedMatMul op, and a
+        ``ragged`` signature takes the rows plus ``group_sizes``; loading it needs tfweave's
+        ops (``load_merged`` loads them). ``stacked`` stays stock.
       use_channels: keep convolution chains in the channel-folded layout (no transposes).
       conv_strategy: ``"grouped"`` (one grouped Conv2D for the N members, the paper's way,
         best on GPUs) or ``"batched"`` (1x1 convolutions as one BatchMatMulV2, wider ones as N
@@ -289,8 +357,10 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
     from tfweave.netfuse.lifting import LiftPlan
     from tfweave.netfuse.sources import freeze_member
 
-    if mode != "stock":
-        raise MergeError(f"mode {mode!r} is not available; use mode='stock'")
+    if mode not in ("stock", "ragged"):
+        raise MergeError(f"mode {mode!r} is not available; use 'stock' or 'ragged'")
+    if mode == "ragged":
+        load_ragged_ops()
     sources = list(paths_or_models)
     if not sources:
         raise MergeError("nothing to merge: give at least one model")
@@ -330,7 +400,7 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
             member.graph_def = None
     plan = LiftPlan(reference, weights, constants, reachable)
     module, concrete, weight_bytes = build_module(plan, total, use_channels=use_channels,
-                                                  conv_strategy=conv_strategy)
+                                                  conv_strategy=conv_strategy, mode=mode)
     report("lift", total, total)
     LOG.info("merged %d members: %d ops lifted, %.1f MB of weights", total, len(plan.order),
              weight_bytes / 2**20)
@@ -345,9 +415,13 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
         "conv_strategy": conv_strategy,
         "stacked": bool(stacked),
         "signatures": {"serving_default": "stacked" if stacked else "prefixed",
-                       "prefixed": "prefixed", "stacked": "stacked"},
-        "batching": "prefixed inputs are zero-padded to the largest member batch; outputs are "
-                    "sliced back per member",
+                       **{key: key for key in concrete}},
+        "batching": ("prefixed inputs are concatenated (no padding) and run through "
+                     "GroupedMatMul; signature 'ragged' takes the rows plus group_sizes [N]"
+                     if mode == "ragged" else
+                     "prefixed inputs are zero-padded to the largest member batch; outputs are "
+                     "sliced back per member"),
+        "op_libraries": ["grouped_matmul"] if mode == "ragged" else [],
         "weight_bytes": int(weight_bytes),
     }
     path = None
@@ -359,4 +433,6 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
     for key, fn in concrete.items():
         names = [spec.name for spec in tf.nest.flatten(fn.structured_input_signature)]
         callers[key] = (lambda feeds, fn=fn, names=names: fn(*[feeds[n] for n in names]))
-    return MergedModel(metadata, callers, keep_alive=module, path=path)
+    merged = MergedModel(metadata, callers, keep_alive=module, path=path)
+    merged.functions = concrete  # the traced signature functions, by signature name
+    return merged

@@ -1,0 +1,502 @@
+"""Ragged mode: members' rows concatenated, each member with its own batch size, no padding.
+
+A ``RAGGED`` value is one tensor ``[T, ...]`` whose first axis holds member 0's rows, then
+member 1's, ...; ``sizes`` (int32 ``[N]``) says how many rows each member owns on that axis.
+Per-model weights meet ragged rows through tfweave's GroupedMatMul op (MatMul, Dense, matmul-like
+Einsum), per-row gathers (biases, norms: small), an offset embedding lookup, or one op per member
+on its slice (convolutions). Ops that leave the first axis alone run as they are. A member with
+no rows costs nothing: that is the point of the mode (tfweave serve's cross-model batching).
+
+Needs the ``grouped_matmul`` op library, so a ragged merged SavedModel loads only where tfweave's
+ops are loaded (tfweave's own server, or a TF Serving built with them).
+"""
+
+from __future__ import annotations
+
+import string
+
+import numpy as np
+
+from tfweave.netfuse.errors import UnsupportedOpError
+from tfweave.netfuse.lifting import (MODEL_CONST, SHARED, STACKED, Value, _static,
+                                     _static_int, attr_value)
+
+RAGGED = "ragged"
+RAGGED_RULES: dict = {}
+
+
+def ragged_rule(*ops):
+    def register(fn):
+        for op in ops:
+            RAGGED_RULES[op] = fn
+        return fn
+    return register
+
+
+def ragged(tensor, sizes) -> Value:
+    value = Value(RAGGED, tensor=tensor)
+    value.members = sizes  # the group sizes along axis 0 (Value has no slot of its own for it)
+    return value
+
+
+def sizes_of(value: Value):
+    return value.members
+
+
+def _first_ragged(ins) -> Value:
+    return next(v for v in ins if v.kind == RAGGED)
+
+
+def _segment_ids(sizes):
+    import tensorflow as tf
+    return tf.repeat(tf.range(tf.size(sizes), dtype=tf.int32), sizes)
+
+
+def _rescaled_sizes(sizes, rows_before, rows_after):
+    """Group sizes after an op changed axis 0 from ``rows_before`` to ``rows_after`` rows while
+    keeping every member's rows together (a reshape folding or unfolding inner axes)."""
+    import tensorflow as tf
+    before = tf.maximum(rows_before, 1)
+    return tf.cast(tf.cast(sizes, tf.int64) * tf.cast(rows_after, tf.int64)
+                   // tf.cast(before, tf.int64), tf.int32)
+
+
+def _per_row(lx, node, v: Value, like: Value, rank: int):
+    """``v`` (per-model or shared) as an operand of an op on ragged ``like``, rank ``rank``."""
+    import tensorflow as tf
+    if v.kind == RAGGED:
+        return v.tensor
+    if v.kind == SHARED:
+        return lx.shared(v)
+    own = len(lx.shape(v))
+    if own == 0 or own < rank:
+        stacked = lx.stacked(v, rank)  # [N, 1, ..., shape]: axis 1 lines up with the rows
+    else:
+        stacked = lx.stacked(v)
+    static = _static(stacked.shape)
+    if static[1] != 1:
+        raise UnsupportedOpError(node.op, node.name,
+                                 "a per-model operand with its own batch axis (ragged mode)")
+    return tf.gather(tf.squeeze(stacked, 1), _segment_ids(sizes_of(like)))
+
+
+def _normalize(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def _require_not_axis0(node, axes, rank):
+    for a in np.ravel(axes):
+        if _normalize(int(a), rank) == 0:
+            raise UnsupportedOpError(node.op, node.name,
+                                     "it works across the batch axis (ragged mode)")
+
+
+def _static_array(node, v: Value, what: str):
+    if v.kind != SHARED or v.array is None:
+        raise UnsupportedOpError(node.op, node.name,
+                                 f"its {what} is computed at run time (ragged mode)")
+    return np.asarray(v.array)
+
+
+def _same_rows(lx, node, ins):
+    """Ops that leave axis 0 alone: run as they are on the ragged tensor."""
+    args = []
+    like = _first_ragged(ins)
+    for v in ins:
+        if v.kind == RAGGED:
+            args.append(v.tensor)
+        elif v.kind == SHARED:
+            args.append(lx.shared(v))
+        else:
+            raise UnsupportedOpError(node.op, node.name,
+                                     "a per-model operand here (ragged mode)")
+    outs = lx.clone(node, args)
+    return [ragged(t, sizes_of(like)) for t in outs]
+
+
+from tfweave.netfuse.lifting import BINARY_OPS, UNARY_OPS  # noqa: E402
+
+
+@ragged_rule(*UNARY_OPS, "Softmax", "LogSoftmax", "MaxPool", "AvgPool", "MaxPool3D",
+             "AvgPool3D", "MaxPoolV2")
+def _unchanged_rows(lx, node, ins):
+    return _same_rows(lx, node, ins)
+
+
+@ragged_rule(*BINARY_OPS, "Select", "ClipByValue", "AddN", "BiasAdd")
+def _elementwise(lx, node, ins):
+    like = _first_ragged(ins)
+    shapes = [lx.shape(v) for v in ins]
+    if node.op == "BiasAdd" and not node.attr["data_format"].s.decode().startswith("NC"):
+        rank = len(shapes[0])
+    else:
+        rank = max(len(s) for s in shapes)
+    for v, s in zip(ins, shapes):
+        if v.kind == RAGGED and len(s) != rank:
+            raise UnsupportedOpError(node.op, node.name, "ragged operands of different ranks")
+    if node.op == "BiasAdd":
+        x, bias = ins
+        if node.attr["data_format"].s.decode().startswith("NC") and rank > 2:
+            raise UnsupportedOpError(node.op, node.name, "NCHW bias (ragged mode)")
+        args = [x.tensor, _per_row(lx, node, bias, like, rank)]
+        return [ragged(lx.clone(node, args, op_type="AddV2")[0], sizes_of(like))]
+    args = [_per_row(lx, node, v, like, rank) for v in ins]
+    op_type = "SelectV2" if node.op == "Select" else None
+    if node.op == "AddN":
+        import tensorflow as tf
+        target = tf.shape(like.tensor)
+        args = [tf.broadcast_to(a, target) for a in args]
+    return [ragged(lx.clone(node, args, op_type=op_type)[0], sizes_of(like))]
+
+
+def _grouped_matmul(x2d, weight, sizes, transpose_w):
+    from tfweave.ops.grouped_matmul import grouped_matmul
+    return grouped_matmul(x2d, weight, sizes, transpose_w=transpose_w)
+
+
+def _matmul_rows(lx, node, x: Value, w: Value, transpose_w: bool):
+    """x ragged ``[T, ..., K]`` times per-model ``w`` (``[K, M]`` per member)."""
+    import tensorflow as tf
+    weight = lx.stacked(w)
+    xt = x.tensor
+    shape = tf.shape(xt)
+    rows = tf.reshape(xt, tf.stack([-1, shape[-1]]))
+    sizes = _rescaled_sizes(sizes_of(x), shape[0], tf.shape(rows)[0])
+    out = _grouped_matmul(rows, weight, sizes, transpose_w)
+    m = tf.shape(weight)[1 if transpose_w else 2]
+    out = tf.reshape(out, tf.concat([shape[:-1], [m]], 0))
+    static = _static(xt.shape)
+    w_static = lx.shape(w)
+    out.set_shape(static[:-1] + [w_static[0 if transpose_w else 1]])
+    return [ragged(out, sizes_of(x))]
+
+
+@ragged_rule("MatMul")
+def _matmul(lx, node, ins):
+    a, b = ins
+    if node.attr["transpose_a"].b or a.kind != RAGGED:
+        raise UnsupportedOpError(node.op, node.name, "this MatMul form (ragged mode)")
+    if b.kind == SHARED:
+        return _same_rows(lx, node, ins)
+    if b.kind != MODEL_CONST:
+        raise UnsupportedOpError(node.op, node.name, "weights computed from inputs (ragged)")
+    return _matmul_rows(lx, node, a, b, node.attr["transpose_b"].b)
+
+
+@ragged_rule("BatchMatMul", "BatchMatMulV2", "BatchMatMulV3")
+def _batch_matmul(lx, node, ins):
+    a, b = ins
+    adj_x = node.attr["adj_x"].b if "adj_x" in node.attr else False
+    adj_y = node.attr["adj_y"].b if "adj_y" in node.attr else False
+    if a.kind == RAGGED and b.kind == MODEL_CONST and len(lx.shape(b)) == 2 and not adj_x:
+        return _matmul_rows(lx, node, a, b, adj_y)
+    like = _first_ragged(ins)
+    rank = max(len(lx.shape(v)) for v in ins)
+    args = [_per_row(lx, node, v, like, rank) if v.kind != SHARED else lx.shared(v)
+            for v in ins]
+    op_type = "BatchMatMulV2" if node.op == "BatchMatMul" else None
+    return [ragged(lx.clone(node, args, op_type=op_type)[0], sizes_of(like))]
+
+
+@ragged_rule("Einsum")
+def _einsum(lx, node, ins):
+    equation = node.attr["equation"].s.decode().replace(" ", "")
+    lhs, _, out = equation.partition("->")
+    terms = lhs.split(",")
+    like = _first_ragged(ins)
+    batch = terms[ins.index(like)][0]
+    if not out.startswith(batch) or "." in equation:
+        raise UnsupportedOpError(node.op, node.name, "an einsum that moves the batch axis")
+    if len(ins) == 2:
+        (x, tx), (w, tw) = ((ins[0], terms[0]), (ins[1], terms[1]))
+        if x.kind == RAGGED and w.kind == MODEL_CONST:
+            free_x = [c for c in tx if c not in tw]
+            contracted = [c for c in tx if c in tw and c not in out]
+            free_w = [c for c in tw if c not in tx]
+            matmul_like = (tx == "".join(free_x + contracted)
+                           and tw == "".join(contracted + free_w)
+                           and out == "".join(free_x + free_w) and contracted)
+            if matmul_like:
+                return _einsum_as_grouped_matmul(lx, node, x, w, len(contracted))
+    new_terms, args = [], []
+    for term, v in zip(terms, ins):
+        if v.kind in (RAGGED, SHARED):
+            new_terms.append(term)
+            args.append(v.tensor if v.kind == RAGGED else lx.shared(v))
+        else:  # per-model: one copy per row, the batch letter in front
+            if batch in term:
+                raise UnsupportedOpError(node.op, node.name, "per-model operand with a batch "
+                                         "axis (ragged mode)")
+            stacked = lx.stacked(v)
+            import tensorflow as tf
+            args.append(tf.gather(stacked, _segment_ids(sizes_of(like))))
+            new_terms.append(batch + term)
+    new_equation = ",".join(new_terms) + "->" + out
+    out_t = lx.clone(node, args, attrs=attr_value(equation=new_equation))[0]
+    return [ragged(out_t, sizes_of(like))]
+
+
+def _einsum_as_grouped_matmul(lx, node, x, w, contracted: int):
+    import tensorflow as tf
+    w_shape = lx.shape(w)
+    k = int(np.prod(w_shape[:contracted]))
+    m = int(np.prod(w_shape[contracted:]))
+    weight = lx.weight(w, "rows", lambda a: a.reshape(a.shape[0], k, m))
+    xt = x.tensor
+    shape = tf.shape(xt)
+    free = shape[:tf.size(shape) - contracted]
+    rows = tf.reshape(xt, tf.stack([-1, k]))
+    sizes = _rescaled_sizes(sizes_of(x), shape[0], tf.shape(rows)[0])
+    out = _grouped_matmul(rows, weight, sizes, False)
+    out = tf.reshape(out, tf.concat([free, tf.constant(w_shape[contracted:], tf.int32)], 0))
+    static = _static(xt.shape)
+    out.set_shape(static[:len(static) - contracted] + list(w_shape[contracted:]))
+    return [ragged(out, sizes_of(x))]
+
+
+def _split_per_member(lx, node, ins):
+    """Ops with per-model weights and no batched form (convolutions): one op per member on its
+    rows, results concatenated back."""
+    import tensorflow as tf
+    like = _first_ragged(ins)
+    n = lx.n
+    # Convolution kernels on an empty batch return their input unchanged (wrong shape), so
+    # each member's rows get one zero row appended, sliced off after the op.
+    pad_row = node.op in ("Conv2D", "DepthwiseConv2dNative")
+    sizes = sizes_of(like)
+    slices = []
+    for v in ins:
+        if v.kind == RAGGED:
+            parts = tf.split(v.tensor, sizes, num=n, axis=0)
+            if pad_row:
+                parts = [tf.concat([p, tf.zeros(tf.concat([[1], tf.shape(p)[1:]], 0), p.dtype)],
+                                   0) for p in parts]
+            slices.append(parts)
+        elif v.kind == SHARED:
+            slices.append([lx.shared(v)] * n)
+        else:
+            slices.append(tf.unstack(lx.stacked(v), num=n, axis=0))
+    outs = [lx.clone(node, [s[m] for s in slices]) for m in range(n)]
+    result = []
+    for k in range(len(outs[0])):
+        parts = [o[k][:-1] if pad_row else o[k] for o in outs]
+        joined = tf.concat(parts, axis=0)
+        sizes = tf.stack([tf.shape(p)[0] for p in parts])
+        result.append(ragged(joined, sizes))
+    return result
+
+
+@ragged_rule("Conv2D", "DepthwiseConv2dNative", "SpaceToBatchND", "BatchToSpaceND")
+def _conv(lx, node, ins):
+    if all(v.kind in (RAGGED, SHARED) for v in ins):
+        if node.op in ("SpaceToBatchND", "BatchToSpaceND"):
+            return _split_per_member(lx, node, ins)
+        return _same_rows(lx, node, ins)
+    return _split_per_member(lx, node, ins)
+
+
+@ragged_rule("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
+def _batch_norm(lx, node, ins):
+    from tfweave.netfuse import lifting
+    if node.attr["is_training"].b:
+        raise UnsupportedOpError(node.op, node.name, "training-mode batch norm (ragged mode)")
+    x = ins[0]
+    shaper = lifting.batch_norm_channel_shaper(lx, node, x)
+    av, bv = lifting._folded_batch_norm(lx, node, ins, shaper)
+    (y,) = _elementwise(lx, lifting._FakeNode("Mul", node.name + "/scale", node.attr["T"]),
+                        [x, av])
+    (y,) = _elementwise(lx, lifting._FakeNode("AddV2", node.name + "/shift", node.attr["T"]),
+                        [y, bv])
+    return [y]
+
+
+@ragged_rule("Mean", "Sum", "Max", "Min", "Prod", "All", "Any", "EuclideanNorm", "ArgMax",
+             "ArgMin", "Cumsum", "Cumprod")
+def _reduce(lx, node, ins):
+    x, axes = ins
+    _require_not_axis0(node, _static_array(node, axes, "axis"), len(lx.shape(x)))
+    return _same_rows(lx, node, ins)
+
+
+@ragged_rule("Shape")
+def _shape(lx, node, ins):
+    return [Value(SHARED, tensor=lx.clone(node, [ins[0].tensor])[0])]
+
+
+@ragged_rule("Size", "Rank")
+def _size(lx, node, ins):
+    return [Value(SHARED, tensor=lx.clone(node, [ins[0].tensor])[0])]
+
+
+@ragged_rule("ShapeN")
+def _shape_n(lx, node, ins):
+    if any(v.kind not in (RAGGED, SHARED) for v in ins):
+        raise UnsupportedOpError(node.op, node.name, "shapes of per-model tensors (ragged)")
+    args = [v.tensor if v.kind == RAGGED else lx.shared(v) for v in ins]
+    return [Value(SHARED, tensor=t) for t in lx.clone(node, args)]
+
+
+@ragged_rule("Reshape")
+def _reshape(lx, node, ins):
+    import tensorflow as tf
+    x, shape = ins
+    if shape.kind != SHARED:
+        raise UnsupportedOpError(node.op, node.name, "a per-model target shape")
+    out = lx.clone(node, [x.tensor, lx.shared(shape)])[0]
+    sizes = _rescaled_sizes(sizes_of(x), tf.shape(x.tensor)[0], tf.shape(out)[0])
+    return [ragged(out, sizes)]
+
+
+@ragged_rule("Transpose")
+def _transpose(lx, node, ins):
+    perm = _static_array(node, ins[1], "permutation")
+    if int(perm[0]) != 0:
+        raise UnsupportedOpError(node.op, node.name, "it moves the batch axis (ragged mode)")
+    return _same_rows(lx, node, ins)
+
+
+@ragged_rule("ExpandDims")
+def _expand_dims(lx, node, ins):
+    axis = int(_static_array(node, ins[1], "axis"))
+    rank = len(lx.shape(ins[0])) + 1
+    if _normalize(axis, rank) == 0:
+        raise UnsupportedOpError(node.op, node.name, "a new axis before the batch axis")
+    return _same_rows(lx, node, ins)
+
+
+@ragged_rule("Squeeze")
+def _squeeze(lx, node, ins):
+    dims = list(node.attr["squeeze_dims"].list.i)
+    rank = len(lx.shape(ins[0]))
+    if not dims:
+        raise UnsupportedOpError(node.op, node.name, "Squeeze without axes (ragged mode)")
+    _require_not_axis0(node, dims, rank)
+    return _same_rows(lx, node, ins)
+
+
+@ragged_rule("StridedSlice")
+def _strided_slice(lx, node, ins):
+    def mask(name):
+        return node.attr[name].i if name in node.attr else 0
+    strides = _static_array(node, ins[3], "strides")
+    whole_batch = (mask("ellipsis_mask") & 1) or (
+        mask("begin_mask") & 1 and mask("end_mask") & 1 and not mask("shrink_axis_mask") & 1
+        and not mask("new_axis_mask") & 1 and int(strides[0]) == 1)
+    if not whole_batch:
+        raise UnsupportedOpError(node.op, node.name, "it slices the batch axis (ragged mode)")
+    return _same_rows(lx, node, ins)
+
+
+@ragged_rule("Slice")
+def _slice(lx, node, ins):
+    begin = _static_array(node, ins[1], "begin")
+    size = _static_array(node, ins[2], "size")
+    if int(begin[0]) != 0 or int(size[0]) != -1:
+        raise UnsupportedOpError(node.op, node.name, "it slices the batch axis (ragged mode)")
+    return _same_rows(lx, node, ins)
+
+
+@ragged_rule("ConcatV2")
+def _concat(lx, node, ins):
+    axis = int(_static_array(node, ins[-1], "axis"))
+    _require_not_axis0(node, [axis], len(lx.shape(_first_ragged(ins))))
+    like = _first_ragged(ins)
+    rank = len(lx.shape(like))
+    args = [_per_row(lx, node, v, like, rank) if v.kind != SHARED else lx.shared(v)
+            for v in ins[:-1]]
+    for a, v in zip(args, ins[:-1]):
+        if v.kind == SHARED:
+            raise UnsupportedOpError(node.op, node.name, "concatenating a shared tensor "
+                                     "to per-row tensors (ragged mode)")
+    out = lx.clone(node, args + [lx.shared(ins[-1])])[0]
+    return [ragged(out, sizes_of(like))]
+
+
+@ragged_rule("Pack", "Unpack")
+def _pack(lx, node, ins):
+    axis = node.attr["axis"].i
+    rank = len(lx.shape(_first_ragged(ins))) + (1 if node.op == "Pack" else 0)
+    if _normalize(axis, rank) == 0:
+        raise UnsupportedOpError(node.op, node.name, "it stacks along the batch axis")
+    return _same_rows(lx, node, ins)
+
+
+@ragged_rule("Split")
+def _split(lx, node, ins):
+    axis = int(_static_array(node, ins[0], "axis"))
+    _require_not_axis0(node, [axis], len(lx.shape(ins[1])))
+    return _same_rows(lx, node, ins)
+
+
+@ragged_rule("SplitV")
+def _split_v(lx, node, ins):
+    axis = int(_static_array(node, ins[2], "axis"))
+    _require_not_axis0(node, [axis], len(lx.shape(ins[0])))
+    return _same_rows(lx, node, ins)
+
+
+@ragged_rule("Tile")
+def _tile(lx, node, ins):
+    if int(_static_array(node, ins[1], "multiples")[0]) != 1:
+        raise UnsupportedOpError(node.op, node.name, "it tiles the batch axis")
+    return _same_rows(lx, node, ins)
+
+
+@ragged_rule("Pad", "PadV2", "MirrorPad")
+def _pad(lx, node, ins):
+    if np.any(_static_array(node, ins[1], "paddings")[0]):
+        raise UnsupportedOpError(node.op, node.name, "it pads the batch axis")
+    return _same_rows(lx, node, ins)
+
+
+@ragged_rule("OneHot")
+def _one_hot(lx, node, ins):
+    if node.attr["axis"].i == 0:
+        raise UnsupportedOpError(node.op, node.name, "one-hot axis 0")
+    return _same_rows(lx, node, ins)
+
+
+@ragged_rule("GatherV2", "Gather")
+def _gather(lx, node, ins):
+    import tensorflow as tf
+    params, indices = ins[0], ins[1]
+    axis = 0 if node.op == "Gather" else _static_int(ins[2])
+    batch_dims = node.attr["batch_dims"].i if "batch_dims" in node.attr else 0
+    if axis is None:
+        raise UnsupportedOpError(node.op, node.name, "a gather axis computed at run time")
+    if params.kind == MODEL_CONST and axis == 0 and batch_dims == 0 and \
+            indices.kind == RAGGED:
+        vocab = params.array.shape[1]
+        table = lx.weight(params, "table", lambda a: a.reshape((-1,) + a.shape[2:]))
+        ids = indices.tensor
+        offsets = _segment_ids(sizes_of(indices)) * vocab
+        offsets = tf.reshape(tf.cast(offsets, ids.dtype),
+                             tf.concat([[-1], tf.ones([tf.rank(ids) - 1], tf.int32)], 0))
+        out = tf.raw_ops.GatherV2(params=table, indices=ids + offsets,
+                                  axis=tf.constant(0, tf.int32), batch_dims=0)
+        return [ragged(out, sizes_of(indices))]
+    if params.kind == SHARED and indices.kind == RAGGED and axis == 0 and batch_dims == 0:
+        return _same_rows(lx, node, ins)
+    if params.kind == RAGGED and indices.kind == SHARED and batch_dims == 0 and \
+            _normalize(axis, len(lx.shape(params))) != 0:
+        return _same_rows(lx, node, ins)
+    raise UnsupportedOpError(node.op, node.name, "this gather form (ragged mode)")
+
+
+def supported_ragged_ops() -> list[str]:
+    return sorted(RAGGED_RULES)
+
+
+def ragged_outputs(plan, lifter, input_names, output_names, rows, sizes) -> dict:
+    """Lifts the graph on ragged inputs; returns ``{output name: (rows, group sizes)}``."""
+    from tfweave.netfuse.lifting import lift
+    values = {name: ragged(t, sizes) for name, t in zip(input_names, rows)}
+    outputs = lift(plan, lifter, values)
+    result = {}
+    for name in output_names:
+        value = outputs[name]
+        if value.kind != RAGGED:
+            raise UnsupportedOpError("(output)", name,
+                                     "an output that does not depend on the inputs")
+        result[name] = (value.tensor, sizes_of(value))
+    return result
