@@ -43,6 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfweave.janus import analysis as analysis_mod
+from tfweave.janus import graph_breaks
 from tfweave.janus import guards as G
 from tfweave.janus import profiler as P
 from tfweave.janus import rewrite
@@ -147,6 +148,17 @@ class _Runtime:
 
     def effect(self, effect_id, env):
         self.trace.effect(effect_id, env)
+
+
+@_DO_NOT_CONVERT
+def _constant_in_graph(value, dtype=None, shape=None, name="Const"):
+    """``tf.constant`` as eager code sees it: a numpy array that became a graph input (after a
+    graph break, or an array argument) is a symbolic tensor here, which tf.constant refuses."""
+    if not _symbolic(value):
+        return tf.constant(value, dtype=dtype, shape=shape, name=name)
+    out = tf.identity(value) if dtype is None or tf.as_dtype(dtype) == value.dtype else \
+        tf.cast(value, dtype)
+    return out if shape is None else tf.reshape(out, shape)
 
 
 def _convert(x, conversion):
@@ -381,6 +393,8 @@ class _Trace:
     def load(self, site, value):
         if site in self.load_inputs:
             return self.load_inputs[site]
+        if value is tf.constant:
+            return _constant_in_graph
         desc = self.plan.loads.get(site)
         if desc is None:
             return value
@@ -428,7 +442,8 @@ class JanusFunction:
     """A Python function run as speculatively specialised graphs, with eager semantics."""
 
     def __init__(self, fn, *, profile_calls: int = 2, max_traces: int = 6, bound_self=None,
-                 name: str | None = None, jit_compile: bool = False):
+                 name: str | None = None, jit_compile: bool = False,
+                 allow_breaks: bool = True):
         if profile_calls < 1:
             raise ValueError("profile_calls must be at least 1 (JANUS needs one eager call to "
                              "know what to speculate on)")
@@ -436,6 +451,8 @@ class JanusFunction:
         self.profile_calls = profile_calls
         self.max_traces = max_traces
         self.jit_compile = jit_compile
+        self.allow_breaks = allow_breaks
+        self.broken = None  # a graph_breaks.BrokenFunction once the function is split
         self.bound_self = bound_self
         self.name = name or fn.__qualname__
         self.rt = _Runtime(self)
@@ -471,9 +488,30 @@ class JanusFunction:
             self.replay_params = set(self.analysis.replay_params)
             self.replays = rewrite.build_effect_replays(self.analysis)
         except (analysis_mod.UnsupportedFunction, SyntaxError) as error:
-            self._go_eager(f"it cannot be specialised: {error}", warn=False)
             self.analysis = getattr(self, "analysis", None)
+            self.signature = inspect.signature(fn)
+            if not self._split_unconvertible(error):
+                self._go_eager(f"it cannot be specialised: {error}", warn=False)
         self.signature = inspect.signature(fn)
+
+    def _split_unconvertible(self, error) -> bool:
+        """Statements the analysis refused (by line) become graph breaks, when that is all."""
+        if not self.allow_breaks or self.analysis is None or not self.analysis.unsupported:
+            return False
+        lines = []
+        for reason in self.analysis.unsupported:
+            match = re.match(r"line (\d+):", reason)
+            if match is None:
+                return False
+            lines.append(int(match.group(1)))
+        try:
+            self.broken = graph_breaks.BrokenFunction(
+                self, graph_breaks.statements_at(self.analysis, lines))
+        except (graph_breaks.CannotBreak, analysis_mod.UnsupportedFunction, SyntaxError) as why:
+            LOG.info("janus: %s could not be split: %s", self.name, why)
+            return False
+        self.events.append(("split", self.calls, f"it cannot be one graph: {error}"))
+        return True
 
     # -- binding to instances (methods) ---------------------------------------------------------
     def __get__(self, instance, owner):
@@ -514,6 +552,8 @@ class JanusFunction:
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
+        if self.broken is not None:
+            return self.broken(self._bind(args, kwargs))
         if self.eager_reason is not None:
             self.eager_calls += 1
             if self.bound_self is not None:
@@ -601,6 +641,8 @@ class JanusFunction:
                "eager_calls": self.eager_calls, "traces": self.traces,
                "deopts": sum(1 for e in self.events if e[0] == "deopt"),
                "eager_reason": self.eager_reason}
+        if self.broken is not None:
+            out["segments"] = self.broken.stats()
         for bound in list(self._bound.values()):
             inner = bound.stats()
             for key in ("calls", "graph_calls", "eager_calls", "traces", "deopts"):
@@ -635,8 +677,8 @@ class JanusFunction:
         last_error = None
         for attempt in attempts:
             if self.traces >= self.max_traces:
-                self._go_eager(f"it was traced {self.traces} times (max_traces={self.max_traces}); "
-                               f"last reason: {last_error or self._last_failure}")
+                self._give_up(f"it was traced {self.traces} times (max_traces={self.max_traces}); "
+                              f"last reason: {last_error or self._last_failure}")
                 return
             try:
                 spec = self._build(attempt)
@@ -646,6 +688,11 @@ class JanusFunction:
             except TraceFailed as error:
                 last_error = str(error)
                 self.events.append(("build-failed", self.calls, last_error))
+                if attempt is plan and len(plan.profiles) > 1 and \
+                        self._split(f"no graph could be built: {last_error}", plan.profiles):
+                    # A tensor value that varies goes to code no graph can run: specialising
+                    # on each value would deopt every call, so split at the break instead.
+                    return
                 continue
             if len(attempt.profiles) < len(plan.profiles):
                 # Relaxing did not trace: from now on each Python value gets its own graph.
@@ -656,7 +703,25 @@ class JanusFunction:
             else:
                 self.specs.append(spec)
             return
-        self._go_eager(f"no graph could be built: {last_error}")
+        self._give_up(f"no graph could be built: {last_error}")
+
+    def _give_up(self, reason):
+        """No whole-function graph: split at graph breaks if possible, else stay eager."""
+        if not self._split(reason, self.profiles):
+            self._go_eager(reason)
+
+    def _split(self, reason, profiles) -> bool:
+        if not self.allow_breaks:
+            return False
+        try:
+            self.broken = graph_breaks.BrokenFunction(
+                self, graph_breaks.break_statements(self.analysis, profiles))
+        except (graph_breaks.CannotBreak, analysis_mod.UnsupportedFunction, SyntaxError) as error:
+            LOG.info("janus: %s cannot be split at graph breaks: %s", self.name, error)
+            return False
+        self.events.append(("split", self.calls, reason))
+        LOG.info("janus: %s split at graph breaks (%s)", self.name, reason)
+        return True
 
     _last_failure = ""
 
@@ -965,6 +1030,9 @@ class JanusFunction:
                 lines.append(f"  call {call}: could not build a graph: {event[2]}")
             elif kind == "eager":
                 lines.append(f"  call {call}: stays eager: {event[2]}")
+            elif kind == "split":
+                lines.append(f"  call {call}: no whole-function graph ({event[2]})")
+                lines += self.broken.explain()
             elif kind == "build":
                 spec = event[2]
                 live = " (current)" if spec in self.specs else " (replaced)"
