@@ -3,7 +3,10 @@
 Workloads (all data generated or shipped: scikit-learn digits, Python's own stdlib sources):
 LeNet-style CNN and a small ResNet on digits, a character LSTM language model on stdlib ``.py``
 text, a training step with Python side effects and Python-value control flow, a small GAN, and
-a REINFORCE policy-gradient loop on a CartPole written in numpy (episodes of varying length).
+a REINFORCE policy-gradient loop on a CartPole written in numpy (episodes of varying length);
+and two issue-#10 programs: hard-example mining with a plain-Python ranking in the middle of the
+step (a graph break: graph, Python, graph) and a divergence check on the loss after the update
+(an in-graph guard after variable writes: the step runs on shadow variables).
 
 Each mode builds its own copy of a workload from the same seed. Whether plain tf.function is
 *correct* on a workload is measured (its results and Python state after a few steps compared
@@ -96,7 +99,8 @@ def run(report, quick: bool):
     from benchmarks.harness import compare
     repeats, steps = (3, 2) if quick else (7, 8)
     names = list(WORKLOADS) if not quick else ["lenet/digits", "side-effects+python-control/digits",
-                                               "reinforce/cartpole"]
+                                               "reinforce/cartpole", "graph-break/digits",
+                                               "guard-after-write/digits"]
     for name in names:
         correct = tf_function_is_correct(name)
         LOG.info("%s: tf.function %s", name, "correct" if correct else "WRONG or failing")
@@ -113,9 +117,44 @@ def run(report, quick: bool):
                            candidate_name="janus", baseline_name="eager", repeats=repeats,
                            target=None if correct else 2.0,
                            extra={"tf_function_correct": correct}))
-        stats = jan.step.stats()
+        stats = _counts(jan.step.stats())
         report.notes.append(
             f"{name}: tf.function {'correct' if correct else 'wrong/failing'}; janus step ran "
             f"{stats['graph_calls']}/{stats['calls']} calls as graphs, {stats['traces']} traces, "
-            f"{stats['deopts']} deopts")
+            f"{stats['deopts']} deopts{stats['breaks']}")
     deopt_overhead(report, quick)
+    long_run_deopt_rate(report, quick)
+
+
+def _counts(stats) -> dict:
+    """Whole-function counts, or for a function split at graph breaks its segments' counts."""
+    out = dict(stats, breaks="")
+    segments = stats.get("segments")
+    if segments:
+        graphs = segments["graph_segments"]
+        out["graph_calls"] = min(s["graph_calls"] for s in graphs)  # calls where all ran as graphs
+        out["traces"] = stats["traces"] + sum(s["traces"] for s in graphs)
+        out["deopts"] = stats["deopts"] + sum(s["deopts"] for s in graphs)
+        out["breaks"] = (f" (split at {segments['python_segments']} graph break(s) into "
+                         f"{len(graphs)} graph segments)")
+    return out
+
+
+def long_run_deopt_rate(report, quick):
+    """Deoptimisation rate over a long run (several epochs of digits) of a fresh janus step."""
+    from benchmarks.harness import ratio_row
+    steps = 40 if quick else 400
+    for name in ("side-effects+python-control/digits", "graph-break/digits",
+                 "guard-after-write/digits"):
+        runner = Runner(name, "janus")
+        runner.run(steps)
+        stats = _counts(runner.step.stats())
+        rate = stats["deopts"] / stats["calls"]
+        report.add(ratio_row(f"long-run/{name} ({steps} steps)", candidate_name="janus graph calls",
+                             baseline_name="all calls", candidate_value=stats["graph_calls"],
+                             baseline_value=stats["calls"], higher_is_better=True,
+                             extra={"deopts": stats["deopts"], "deopt_rate": rate,
+                                    "traces": stats["traces"]}))
+        report.notes.append(f"long run {name}: {stats['deopts']} deopts in {stats['calls']} calls "
+                            f"(rate {rate:.4f}), {stats['graph_calls']} calls fully as graphs, "
+                            f"{stats['traces']} traces{stats['breaks']}")

@@ -156,3 +156,17 @@ def test_xla_guard_failure_deopts_with_state_intact():
     stats = jf.stats()
     assert stats["deopts"] >= 1 and stats["graph_calls"] >= 2
     assert "XLA returns the in-graph guards as outputs" in janus.explain(jf)
+
+
+def _string_length_plus(x):
+    return tf.strings.length(tf.strings.as_string(x)) + 1
+
+
+def test_graph_xla_cannot_compile_is_rebuilt_without_jit_and_still_matches_eager():
+    jf = janus.function(_string_length_plus, jit_compile=True)
+    for value in (1.5, 22.25, 333.0, 4.0, 55.5):
+        x = tf.constant([value, -value])
+        np.testing.assert_array_equal(jf(x).numpy(), _string_length_plus(x).numpy())
+    assert "XLA could not compile" in janus.explain(jf)
+    assert jf.stats()["graph_calls"] >= 2
+    assert not jf.specs[0].jit_compile

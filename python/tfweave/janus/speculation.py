@@ -12,13 +12,16 @@ Life of a decorated function:
    are generalised (left to AutoGraph as ``tf.cond``/``tf.while_loop``). The *graph variant* is
    converted by AutoGraph and traced once into a ConcreteFunction with an explicit signature.
 3. **Guard.** Every assumption is a guard object (``guards.py``): host guards run in Python
-   before the graph; speculated in-graph values become ``tf.debugging.Assert`` ops. Each
-   assertion is created before any variable write in program order (a speculation that would
-   come after one is generalised instead) and everything traced after it has a control
-   dependency on it, so a failing assertion leaves no committed TF state.
+   before the graph; speculated in-graph values become ``tf.debugging.Assert`` ops, and
+   everything traced after one has a control dependency on it. An assertion that follows a
+   variable write makes the graph *transactional* (``transactions.py``): it runs on shadow
+   copies of the variables it writes, committed only when every assertion held. Under
+   ``jit_compile=True`` (XLA drops Assert) guards are boolean outputs checked on the host
+   before the commit, and effect values leave the graph as outputs instead of py_functions.
 4. **Deoptimise.** A failed guard runs the call eagerly (profiling it), merges what it saw into
-   the plan (relaxation) and rebuilds, up to ``max_traces`` graphs; then the function stays
-   eager and logs a warning that says why.
+   the plan (relaxation) and rebuilds, up to ``max_traces`` graphs; then the function is split
+   at graph breaks when a statement hands a tensor's value to Python no graph can run
+   (``graph_breaks.py``: graph, Python, graph), or else stays eager with a warning saying why.
 
 Python side effects (print, appends to outside lists, attribute/global/closure writes, helpers
 that do those) never run while tracing: each is a *deferred-replay* hook. Inside the graph a
@@ -925,9 +928,17 @@ class JanusFunction:
         pending.clear()
         try:
             outputs = spec.call(flat)
-        except tf.errors.InvalidArgumentError as error:
+        except tf.errors.OpError as error:
             match = re.search(re.escape(G.GUARD_TAG) + r"(\d+)", str(error))
             if match is None or int(match.group(1)) not in spec.in_graph_guards:
+                if spec.jit_compile and spec.runs == 0:
+                    # XLA compiles on the first run, before executing anything (at most the
+                    # shadows were filled): rebuild this graph without XLA.
+                    self.jit_compile = False
+                    pending.clear()
+                    return self._deopt(call_args, [(spec, "XLA could not compile the graph ("
+                                                    f"{_first_line(error)}); rebuilt without "
+                                                    "jit_compile")], in_graph=True)
                 raise
             guard = spec.in_graph_guards[int(match.group(1))]
             pending.clear()

@@ -224,9 +224,71 @@ def _text_batches(batch=32, seq=32):
         yield tf.constant(block[:, :-1]), tf.constant(block[:, 1:])
 
 
+def _hard_example_weights(losses):
+    """Plain Python on per-example loss values (no graph can run it): the hardest quarter x2."""
+    order = sorted(range(len(losses)), key=lambda i: float(losses[i]))
+    weights = np.ones(len(losses), np.float32)
+    for i in order[-max(1, len(losses) // 4):]:
+        weights[i] = 2.0
+    return weights
+
+
+def graph_break(tf, seed=0):
+    """Hard-example mining with a Python ranking in the middle: a graph break (issue #10)."""
+    keras = tf.keras
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(128, activation="relu"),
+                              keras.layers.Dense(10)])
+    opt = keras.optimizers.SGD(0.1)
+
+    def step(x, y):
+        losses = keras.losses.sparse_categorical_crossentropy(y, model(x), from_logits=True)
+        weights = _hard_example_weights(losses.numpy())
+        with tf.GradientTape() as tape:
+            per_example = keras.losses.sparse_categorical_crossentropy(
+                y, model(x, training=True), from_logits=True)
+            loss = tf.reduce_sum(per_example * weights) / tf.reduce_sum(weights)
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    def batches():
+        for x, y in _digit_batches():
+            yield tf.reshape(x, [-1, 64]), y
+    return step, batches, lambda: [v.numpy() for v in model.trainable_variables], {}
+
+
+def guard_after_write(tf, seed=0):
+    """A Python check on the loss after the update: an in-graph guard after variable writes,
+    so JANUS runs the step on shadow variables (issue #10)."""
+    keras = tf.keras
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(128, activation="relu"),
+                              keras.layers.Dense(10)])
+    opt = keras.optimizers.Adam(1e-3)
+    log = _TrainLog()
+
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                y, model(x, training=True), from_logits=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        if loss.numpy() > 20.0:  # divergence check after the update (never true here)
+            log.messages.append("diverged")
+        return loss
+
+    def batches():
+        for x, y in _digit_batches():
+            yield tf.reshape(x, [-1, 64]), y
+    return step, batches, lambda: ([v.numpy() for v in model.trainable_variables],
+                                   list(log.messages)), {}
+
+
 WORKLOADS = {"lenet/digits": lenet, "resnet/digits": resnet, "lstm-lm/stdlib": lstm_lm,
              "side-effects+python-control/digits": side_effects, "gan/digits": gan,
-             "reinforce/cartpole": policy_gradient}
+             "reinforce/cartpole": policy_gradient, "graph-break/digits": graph_break,
+             "guard-after-write/digits": guard_after_write}
 
 
 class Runner:
