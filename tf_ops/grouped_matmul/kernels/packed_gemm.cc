@@ -27,8 +27,11 @@ constexpr int64_t kRowBlock = 252;
 // micro-kernel: C[rows x cols] (= or +=) A_panel[kc x rows] * B_panel[kc x NR], rows <= MR,
 // cols <= NR; A is packed k-major with `rows` values per k; B's row k starts at b + k * ldb and
 // holds NR readable values (a packed, zero-padded panel, or a full-width slice of B itself).
-using MicroKernel = void (*)(int64_t kc, const float* a, const float* b, int64_t ldb, float* c,
-                             int64_t ldc, int rows, int cols, bool accumulate);
+// When `next_b` is not null, row k of the next in-place panel (next_b + k * ldb) is prefetched
+// into L2 on the way, so streaming the weights from memory overlaps with this panel's math.
+using MicroKernel = void (*)(int64_t kc, const float* a, const float* b, int64_t ldb,
+                             const float* next_b, float* c, int64_t ldc, int rows, int cols,
+                             bool accumulate);
 
 // A 64-byte aligned scratch buffer per thread, grown on demand (the op's pool threads live
 // as long as the process, so packing never allocates in steady state).
@@ -146,10 +149,19 @@ bool Drive(const Operands& op, MicroKernel kernel) {
           b_panel = b_pack;
           ldb = NR;
         }
+        // The panel after this one (the next columns, else the next depth block's first).
+        const float* next_b = nullptr;
+        if (in_place && ic == 0) {
+          if (j0 + 2 * NR <= op.cols) {
+            next_b = b_panel + NR;
+          } else if (k0 + kDepthBlock < op.depth && op.cols >= NR) {
+            next_b = op.b + (k0 + kDepthBlock) * op.b_depth_stride;
+          }
+        }
         for (int64_t ir = 0; ir < mc; ir += MR) {
           const int mr = static_cast<int>(std::min<int64_t>(MR, mc - ir));
-          kernel(kc, a_pack + ir * kc, b_panel, ldb, op.c + (ic + ir) * op.ldc + j0, op.ldc, mr,
-                 nr, k0 > 0);
+          kernel(kc, a_pack + ir * kc, b_panel, ldb, ir == 0 ? next_b : nullptr,
+                 op.c + (ic + ir) * op.ldc + j0, op.ldc, mr, nr, k0 > 0);
         }
       }
     }
@@ -166,8 +178,8 @@ bool Drive(const Operands& op, MicroKernel kernel) {
 constexpr int kAvx512Rows = 14;
 
 template <int MR>
-inline void Avx512Tile(int64_t kc, const float* a, const float* b, int64_t ldb, float* c,
-                       int64_t ldc, int cols, bool accumulate) {
+inline void Avx512Tile(int64_t kc, const float* a, const float* b, int64_t ldb,
+                       const float* next_b, float* c, int64_t ldc, int cols, bool accumulate) {
   __m512 lo[MR], hi[MR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
@@ -178,6 +190,10 @@ inline void Avx512Tile(int64_t kc, const float* a, const float* b, int64_t ldb, 
     // B rows arrive with a large stride when read in place: fetch a few rows ahead.
     _mm_prefetch(reinterpret_cast<const char*>(b + ldb * (k + 24)), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(b + ldb * (k + 24) + 16), _MM_HINT_T0);
+    if (next_b != nullptr) {
+      _mm_prefetch(reinterpret_cast<const char*>(next_b + ldb * k), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(next_b + ldb * k + 16), _MM_HINT_T1);
+    }
     const __m512 b_lo = _mm512_loadu_ps(b + ldb * k);
     const __m512 b_hi = _mm512_loadu_ps(b + ldb * k + 16);
 #pragma GCC unroll 16
@@ -202,12 +218,12 @@ inline void Avx512Tile(int64_t kc, const float* a, const float* b, int64_t ldb, 
   }
 }
 
-void Avx512Kernel(int64_t kc, const float* a, const float* b, int64_t ldb, float* c,
-                  int64_t ldc, int rows, int cols, bool accumulate) {
+void Avx512Kernel(int64_t kc, const float* a, const float* b, int64_t ldb, const float* next_b,
+                  float* c, int64_t ldc, int rows, int cols, bool accumulate) {
   switch (rows) {
 #define TFWEAVE_AVX512_CASE(R) \
   case R:                      \
-    return Avx512Tile<R>(kc, a, b, ldb, c, ldc, cols, accumulate);
+    return Avx512Tile<R>(kc, a, b, ldb, next_b, c, ldc, cols, accumulate);
     TFWEAVE_AVX512_CASE(1) TFWEAVE_AVX512_CASE(2) TFWEAVE_AVX512_CASE(3)
     TFWEAVE_AVX512_CASE(4) TFWEAVE_AVX512_CASE(5) TFWEAVE_AVX512_CASE(6)
     TFWEAVE_AVX512_CASE(7) TFWEAVE_AVX512_CASE(8) TFWEAVE_AVX512_CASE(9)
@@ -273,8 +289,8 @@ namespace {
 constexpr int kAvx2Rows = 6;
 
 template <int MR>
-inline void Avx2Tile(int64_t kc, const float* a, const float* b, int64_t ldb, float* c,
-                     int64_t ldc, int cols, bool accumulate) {
+inline void Avx2Tile(int64_t kc, const float* a, const float* b, int64_t ldb,
+                     const float* next_b, float* c, int64_t ldc, int cols, bool accumulate) {
   __m256 lo[MR], hi[MR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
@@ -282,6 +298,9 @@ inline void Avx2Tile(int64_t kc, const float* a, const float* b, int64_t ldb, fl
     hi[i] = _mm256_setzero_ps();
   }
   for (int64_t k = 0; k < kc; ++k) {
+    if (next_b != nullptr) {
+      _mm_prefetch(reinterpret_cast<const char*>(next_b + ldb * k), _MM_HINT_T1);
+    }
     const __m256 b_lo = _mm256_loadu_ps(b + ldb * k);
     const __m256 b_hi = _mm256_loadu_ps(b + ldb * k + 8);
 #pragma GCC unroll 8
@@ -307,12 +326,12 @@ inline void Avx2Tile(int64_t kc, const float* a, const float* b, int64_t ldb, fl
   }
 }
 
-void Avx2Kernel(int64_t kc, const float* a, const float* b, int64_t ldb, float* c,
-                int64_t ldc, int rows, int cols, bool accumulate) {
+void Avx2Kernel(int64_t kc, const float* a, const float* b, int64_t ldb, const float* next_b,
+                float* c, int64_t ldc, int rows, int cols, bool accumulate) {
   switch (rows) {
 #define TFWEAVE_AVX2_CASE(R) \
   case R:                    \
-    return Avx2Tile<R>(kc, a, b, ldb, c, ldc, cols, accumulate);
+    return Avx2Tile<R>(kc, a, b, ldb, next_b, c, ldc, cols, accumulate);
     TFWEAVE_AVX2_CASE(1) TFWEAVE_AVX2_CASE(2) TFWEAVE_AVX2_CASE(3)
     TFWEAVE_AVX2_CASE(4) TFWEAVE_AVX2_CASE(5) TFWEAVE_AVX2_CASE(6)
 #undef TFWEAVE_AVX2_CASE
