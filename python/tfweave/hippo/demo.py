@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import tempfile
 
-LOG = logging.getLogger("tfweave.hippo.demo")
+LOG = logging.getLogger("tfweave.demo.hippo")  # not under tfweave.hippo, quieted below
 
 
 def run(quick: bool = False):
