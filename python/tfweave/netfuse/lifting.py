@@ -467,6 +467,23 @@ def _matmul(lx, node, ins):
 
 @rule("BatchMatMul", "BatchMatMulV2", "BatchMatMulV3")
 def _batch_matmul(lx, node, ins):
+    import tensorflow as tf
+    a, b = ins
+    adj_x = node.attr["adj_x"].b if "adj_x" in node.attr else False
+    if (a.per_model and b.kind == MODEL_CONST and lx.rank(b, node) == 2 and not adj_x
+            and lx.rank(a, node) > 2 and node.op != "BatchMatMulV3"):
+        # A Dense kernel on [B, S, K] data: as [N, B*S, K] x [N, K, M], one GEMM per member.
+        # Left as [N, B, S, K] x [N, 1, K, M], TensorFlow would broadcast the kernel and run
+        # N*B small GEMMs of S rows each.
+        x = lx.stacked(a)
+        shape = tf.shape(x)
+        rows = tf.reshape(x, tf.stack([lx.n, -1, shape[-1]]))
+        adj_y = node.attr["adj_y"].b if "adj_y" in node.attr else False
+        out = tf.linalg.matmul(rows, lx.stacked(b), transpose_b=adj_y)
+        out = tf.reshape(out, tf.concat([shape[:-1], tf.shape(out)[-1:]], 0))
+        kernel = lx.shape(b)
+        out.set_shape(_static(x.shape)[:-1] + [kernel[0] if adj_y else kernel[1]])
+        return [Value(STACKED, out)]
     rank = max(lx.rank(v, node) for v in ins)
     args = [lx.stacked(v, rank) if v.per_model else lx.shared(v) for v in ins]
     op_type = "BatchMatMulV2" if node.op == "BatchMatMul" else node.op

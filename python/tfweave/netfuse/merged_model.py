@@ -166,36 +166,51 @@ def build_signature_functions(plan, lifter_factory, num_members: int):
         return {name: tf.identity(lifter.stacked(outputs[name]), name=name)
                 for name in output_names}
 
+    input_shapes = {info.name: info.shape for info in reference.inputs}
+
     def prefixed_body(*tensors):
+        # Members' batches differ: rows are gathered into a zero-padded [N, B_max, ...] batch
+        # and gathered back out, with a number of ops that does not grow with N (per-member
+        # pad/slice ops cost more than the model itself at N=32, batch 1).
         lifter = lifter_factory()
         k = len(input_names)
         per_member = [tensors[i * k:(i + 1) * k] for i in range(num_members)]
-        batches = [tf.shape(member[0])[0] for member in per_member]
-        if num_members > 1:
-            biggest = tf.reduce_max(tf.stack(batches))
-        else:
-            biggest = batches[0]
+        if num_members == 1:
+            values = {name: Value(MEMBERS, members=[t])
+                      for name, t in zip(input_names, per_member[0])}
+            outputs = lift(plan, lifter, values)
+            return {prefixed_name(0, name): tf.identity(lifter.stacked(outputs[name])[0],
+                                                        name=prefixed_name(0, name))
+                    for name in output_names}
+        sizes = tf.stack(tf.shape_n([member[0] for member in per_member]))[:, 0]
+        biggest = tf.reduce_max(sizes)
+        total = tf.reduce_sum(sizes)
+        offsets = tf.cumsum(sizes, exclusive=True)
+        position = tf.range(biggest)
+        valid = position[None, :] < sizes[:, None]                       # [N, B_max]
+        source_row = tf.where(valid, offsets[:, None] + position[None, :], total)
         values = {}
-        for position, name in enumerate(input_names):
-            padded = []
-            for member, batch in zip(per_member, batches):
-                t = member[position]
-                if num_members > 1 and t.shape.rank:
-                    pad = tf.concat([[[0, biggest - batch]],
-                                     tf.zeros([t.shape.rank - 1, 2], tf.int32)], 0)
-                    t = tf.pad(t, pad)
-                padded.append(t)
-            values[name] = Value(MEMBERS, members=padded)
+        for p, name in enumerate(input_names):
+            parts = [member[p] for member in per_member]
+            zero_row = tf.zeros(tf.concat([[1], tf.shape(parts[0])[1:]], 0), parts[0].dtype)
+            padded = tf.gather(tf.concat(parts + [zero_row], 0), source_row)
+            shape = input_shapes[name]
+            if shape is not None:
+                padded.set_shape([num_members, None] + list(shape[1:]))
+            values[name] = Value(STACKED, padded)
         outputs = lift(plan, lifter, values)
+        real_rows = tf.reshape(tf.where(tf.reshape(valid, [-1])), [-1])
         result = {}
         for name in output_names:
             stacked = lifter.stacked(outputs[name])
-            parts = tf.unstack(stacked, num=num_members, axis=0)
-            for index, (part, batch) in enumerate(zip(parts, batches)):
-                if num_members > 1 and part.shape.rank:
-                    part = part[:batch]
-                result[prefixed_name(index, name)] = tf.identity(
-                    part, name=prefixed_name(index, name))
+            if stacked.shape.rank == 1:  # per-member scalars: no batch axis to slice
+                parts = tf.unstack(stacked, num=num_members)
+            else:
+                flat = tf.reshape(stacked, tf.concat([[-1], tf.shape(stacked)[2:]], 0))
+                parts = tf.split(tf.gather(flat, real_rows), sizes, num=num_members, axis=0)
+            for index, part in enumerate(parts):
+                key = prefixed_name(index, name)
+                result[key] = tf.identity(part, name=key)
         return result
 
     return stacked_body, prefixed_body
