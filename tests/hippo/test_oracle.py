@@ -11,7 +11,7 @@ import pytest
 from tfweave import hippo
 from tfweave.hippo import storage
 
-from oracle_driver import Driver, lr_space, make_oracle, standalone_accuracy
+from tests.hippo.oracle_driver import Driver, lr_space, make_oracle, standalone_accuracy
 
 INITIAL, MILESTONES, DECAY = (0.1, 0.03, 0.01), (4, 6, 8), (0.1, 0.5)
 EPOCHS = 10
