@@ -50,6 +50,7 @@ from tfweave.janus import graph_breaks
 from tfweave.janus import guards as G
 from tfweave.janus import profiler as P
 from tfweave.janus import rewrite
+from tfweave.janus import tree_recursion
 from tfweave.janus import transactions
 
 LOG = logging.getLogger("tfweave.janus")
@@ -485,7 +486,8 @@ class JanusFunction:
                 node.id for e in self.analysis.effects if e.cell_write
                 for node in ast.walk(e.node) if isinstance(node, ast.Name)}
             self._param_kinds = self._parameter_kinds()
-            if self.analysis.unsupported:
+            self.tree = self._tree_recursion()
+            if self.analysis.unsupported and self.tree is None:
                 raise analysis_mod.UnsupportedFunction("; ".join(self.analysis.unsupported))
             self.profile_fn, _ = rewrite.build_variant(self.analysis, self.rt, graph=False)
             self.replay_params = set(self.analysis.replay_params)
@@ -496,6 +498,15 @@ class JanusFunction:
             if not self._split_unconvertible(error):
                 self._go_eager(f"it cannot be specialised: {error}", warn=False)
         self.signature = inspect.signature(fn)
+
+    tree = None
+
+    def _tree_recursion(self):
+        """A TreeRecursion when the function recurses over a tree (kept symbolic via Invoke)."""
+        try:
+            return tree_recursion.TreeRecursion(self)
+        except tree_recursion.NotTreeRecursive:
+            return None
 
     def _split_unconvertible(self, error) -> bool:
         """Statements the analysis refused (by line) become graph breaks, when that is all."""
@@ -554,6 +565,13 @@ class JanusFunction:
         return tuple(bound.arguments[p] for p in self.signature.parameters)
 
     def __call__(self, *args, **kwargs):
+        if self.tree is not None:
+            if self.tree.in_eager_call:  # a self-call inside the eager reference run
+                return self.fn(*args, **kwargs)
+            self.calls += 1
+            if self.tree.eager_reason is None:
+                return self.tree(self._bind(args, kwargs))
+            return self.fn(*args, **kwargs)
         self.calls += 1
         if self.broken is not None:
             return self.broken(self._bind(args, kwargs))
@@ -1023,6 +1041,8 @@ class JanusFunction:
     # -- explain ---------------------------------------------------------------------------------
     def explain(self) -> str:
         lines = [f"janus function {self.name}: {self.calls} calls, {self.traces} graphs traced"]
+        if self.tree is not None:
+            lines += self.tree.explain()
         if self.analysis is not None:
             effects = [e for e in self.analysis.effects if not e.cell_write]
             if effects:
