@@ -104,7 +104,9 @@ def run(report, quick: bool):
     for name in names:
         correct = tf_function_is_correct(name)
         LOG.info("%s: tf.function %s", name, "correct" if correct else "WRONG or failing")
-        runners = {mode: Runner(name, mode) for mode in ("eager", "tf.function", "janus")}
+        # tf.function is run only where it is correct (it raises on some programs)
+        modes = ("eager", "tf.function", "janus") if correct else ("eager", "janus")
+        runners = {mode: Runner(name, mode) for mode in modes}
         for runner in runners.values():
             runner.run(3)  # janus profiles and builds here; tf.function traces
         jan = runners["janus"]
@@ -124,6 +126,79 @@ def run(report, quick: bool):
             f"{stats['deopts']} deopts{stats['breaks']}")
     deopt_overhead(report, quick)
     long_run_deopt_rate(report, quick)
+    recursive_models(report, quick)
+
+
+class _Node:
+    def __init__(self, word, left=None, right=None):
+        self.word, self.left, self.right = word, left, right
+
+
+def _as_nodes(tree):
+    """A recursion-part post-order array tree as plain Python node objects."""
+    nodes = []
+    for n in range(tree.size):
+        if tree.left[n] < 0:
+            nodes.append(_Node(int(tree.word[n])))
+        else:
+            nodes.append(_Node(0, nodes[tree.left[n]], nodes[tree.right[n]]))
+    return nodes[-1]
+
+
+def recursive_models(report, quick):
+    """TreeRNN/TreeLSTM written as plain recursive Python: training throughput, janus vs eager.
+
+    The recursion issue's data (statement trees of Python's stdlib). janus keeps the recursion
+    symbolic (one recursive graph through the Invoke op); tf.function cannot take a Python tree
+    object (it would retrace and unroll for every new tree), so eager is the baseline.
+    """
+    import tensorflow as tf
+    from benchmarks.harness import compare
+    from tfweave import janus
+    from tfweave.recursion.cells import TreeLSTMCell, TreeRNNCell
+    from tfweave.recursion.trees import stdlib_statement_trees
+    trees, vocabulary = stdlib_statement_trees(64 if quick else 256, max_leaves=24)
+    roots = [_as_nodes(t) for t in trees]
+    labels = tf.constant([t.label for t in trees], tf.int32)
+    batch = 8
+    for cell_type in (TreeRNNCell, TreeLSTMCell):
+        def make(mode):
+            tf.keras.utils.set_random_seed(0)
+            cell = cell_type(len(vocabulary) + 1, 32, seed=0)
+            head = tf.keras.layers.Dense(int(labels.numpy().max()) + 1)
+            opt = tf.keras.optimizers.SGD(0.05)
+
+            def encode(node):
+                if node.left is None:
+                    return cell.leaf(node.word)
+                return cell.combine(encode(node.left), encode(node.right))
+            if mode == "janus":
+                encode = janus.function(encode)
+            state = {"i": 0, "encode": encode}
+
+            def steps(n=2):
+                for _ in range(n):
+                    i = state["i"] % (len(roots) - batch)
+                    state["i"] += batch
+                    with tf.GradientTape() as tape:
+                        h = tf.concat([state["encode"](r)[0] for r in roots[i:i + batch]], 0)
+                        loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(
+                            labels[i:i + batch], head(h), from_logits=True))
+                    variables = cell.trainable_variables + head.trainable_variables
+                    opt.apply_gradients(zip(tape.gradient(loss, variables), variables))
+                return loss
+            return steps, encode
+        jan, jan_encode = make("janus")
+        eager, _ = make("eager")
+        jan(1), eager(1)
+        name = cell_type.__name__.replace("Cell", "")
+        report.add(compare(f"{name} training (plain recursive Python, stdlib trees, batch {batch})",
+                           jan, eager, candidate_name="janus", baseline_name="eager",
+                           repeats=3 if quick else 7, target=3.0,
+                           extra={"tf_function_correct": False}))
+        tree = jan_encode.tree
+        report.notes.append(f"{name}: janus ran {tree.graph_calls} tree encodings through one "
+                            f"recursive graph (Invoke op), {tree.eager_calls} eagerly")
 
 
 def _counts(stats) -> dict:
