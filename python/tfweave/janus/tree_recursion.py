@@ -149,7 +149,11 @@ class TreeRecursion:
         for attr, dtype in zip(self.data, self.data_dtypes):
             values = [getattr(node, attr) for node in order]
             try:
-                arrays.append(tf.stack([tf.convert_to_tensor(v, dtype) for v in values]))
+                if all(isinstance(v, (int, float, np.generic)) and not isinstance(v, bool)
+                       for v in values):  # the common case: one array, no op per node
+                    arrays.append(tf.constant(np.asarray(values, dtype.as_numpy_dtype)))
+                else:
+                    arrays.append(tf.stack([tf.convert_to_tensor(v, dtype) for v in values]))
             except (TypeError, ValueError, tf.errors.InvalidArgumentError) as error:
                 raise NotTreeRecursive(f"attribute {attr} changed kind ({error})") from None
         return arrays
