@@ -70,3 +70,23 @@ def test_tree_of_another_node_type_runs_eagerly_and_says_why():
     odd = OtherNode(0, Node(1), Node(2))
     np.testing.assert_allclose(encode(odd)[0].numpy(), encode_eager(odd)[0].numpy(), rtol=1e-5)
     assert "a node is a OtherNode" in janus.explain(encode)
+
+
+class ListNode:
+    def __init__(self, value, next_=None):
+        self.value, self.next = value, next_
+
+
+@janus.function
+def length(node):
+    if node.next is None:
+        return 1
+    return 1 + length(node.next)
+
+
+def test_recursion_returning_python_numbers_stays_eager_with_the_eager_result():
+    chain = None
+    for i in range(5):
+        chain = ListNode(i, chain)
+        assert length(chain) == i + 1 and isinstance(length(chain), int)
+    assert "stays eager" in janus.explain(length)

@@ -50,8 +50,9 @@ def written_captures(concrete) -> list[int]:
         for tensor in op.inputs:
             if tensor.dtype == tf.resource and id(tensor) in internal:
                 written.add(internal[id(tensor)])
-    # captures lists (external, internal) in the order captured_inputs is fed
-    assert len(external) == len(concrete.graph.captures)
+    if len(external) != len(concrete.graph.captures):
+        raise NotTransactional("the graph's captured inputs could not be matched to its "
+                               "placeholders, so its writes cannot be redirected to shadows")
     return sorted(written)
 
 

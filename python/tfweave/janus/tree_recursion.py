@@ -188,12 +188,27 @@ class TreeRecursion:
                 self._build(root, result)
             except NotTreeRecursive as error:
                 self.eager_reason = str(error)
+            except Exception as error:  # pylint: disable=broad-except
+                # (a result or data attribute that is no tensor, a body AutoGraph cannot convert)
+                self.eager_reason = f"no recursive graph could be built ({type(error).__name__}: " \
+                                    f"{str(error).strip().splitlines()[0][:200]})"
             return result
         try:
             arrays = self.flatten(root)
         except NotTreeRecursive as error:
             self.owner.events.append(("deopt", self.owner.calls, str(error)))
             return self._eager(call_args)
+        if self.graph_calls == 0:
+            # The recursive graph is traced on its first call: a body that does not trace
+            # leaves the function eager (it has no side effects, so nothing ran twice).
+            try:
+                result = self.recursive(tf.constant(0, tf.int32), *arrays)
+            except Exception as error:  # pylint: disable=broad-except
+                self.eager_reason = f"the recursive graph did not trace ({type(error).__name__}: " \
+                                    f"{str(error).strip().splitlines()[0][:200]})"
+                return self._eager(call_args)
+            self.graph_calls += 1
+            return result
         self.graph_calls += 1
         return self.recursive(tf.constant(0, tf.int32), *arrays)
 
