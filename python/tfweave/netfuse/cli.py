@@ -23,8 +23,13 @@ def configure_parser(parser) -> None:
     parser.add_argument("--signature", default="serving_default",
                         help="signature of the members to merge (default: serving_default)")
     parser.add_argument("--mode", default="stock", choices=["stock", "ragged"],
-                        help="stock: stock TF ops only (default); ragged: adds a GroupedMatMul "
-                             "signature for per-member batch sizes (needs tfweave's ops)")
+                        help="stock: stock TF ops only (default); ragged: members' rows run "
+                             "concatenated without padding through tfweave's GroupedMatMul op, "
+                             "plus a 'ragged' signature (loading needs tfweave's ops)")
+    parser.add_argument("--conv-strategy", default="grouped", choices=["grouped", "batched"],
+                        help="grouped: one grouped Conv2D for all members (default, best on "
+                             "GPUs); batched: 1x1 convs as one BatchMatMulV2, wider convs one "
+                             "op per member (faster on CPUs)")
     parser.add_argument("--no-channel-layout", action="store_true",
                         help="keep every tensor model-major (debugging aid)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
@@ -68,7 +73,8 @@ def main(args) -> int:
     try:
         merged = merge(args.models, args.output, names=args.names, stacked=args.stacked,
                        mode=args.mode, signature_key=args.signature,
-                       use_channels=not args.no_channel_layout, overwrite=args.overwrite,
+                       use_channels=not args.no_channel_layout,
+                       conv_strategy=args.conv_strategy, overwrite=args.overwrite,
                        progress=_Progress(args.quiet))
     except MergeError as error:
         print(f"tfweave merge: {error}", file=sys.stderr)
