@@ -29,8 +29,24 @@ def library_dir() -> Path:
     return Path(os.environ.get("TFWEAVE_OPS_DIR") or LIB_DIR)
 
 
-def library_path(family: str) -> Path:
-    return library_dir() / f"_{family}_ops.so"
+def gpu_visible() -> bool:
+    import tensorflow as tf
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def library_path(family: str, gpu: bool | None = None) -> Path:
+    """The library ``load_library`` uses: the GPU build where a GPU is visible and it exists.
+
+    ``_<family>_ops_gpu.so`` holds the CPU kernels too, so it replaces the CPU library rather
+    than joining it (both register the same op names and cannot load into one process).
+    """
+    directory = library_dir()
+    if gpu is None:
+        gpu = gpu_visible()
+    gpu_library = directory / f"_{family}_ops_gpu.so"
+    if gpu and gpu_library.exists():
+        return gpu_library
+    return directory / f"_{family}_ops.so"
 
 
 def _check_built_for_this_tensorflow(library: Path, tf_version: str) -> None:
@@ -65,12 +81,11 @@ def load_library(family: str):
     """Loads ``_<family>_ops.so`` once and returns its generated op module."""
     import tensorflow as tf
 
-    directory = library_dir()
-    key = (family, str(directory))
+    key = (family, str(library_dir()))
     with _LOCK:
         if key in _LOADED:
             return _LOADED[key]
-        library = directory / f"_{family}_ops.so"
+        library = library_path(family)
         _check_built_for_this_tensorflow(library, tf.__version__)
         try:
             module = tf.load_op_library(str(library))

@@ -222,7 +222,9 @@ def build_all(tf_ops_dir: Path | None = None, out_dir: Path | None = None, *,
     built = []
     for family in discover_families(tf_ops_dir):
         built.append(build_family(family, out_dir, tf_info, force=force, jobs=jobs))
-        if want_gpu and family.gpu_sources:
+        # Every family gets a GPU library, CUDA kernels or not: its CPU sources hold the
+        # DEVICE_GPU registrations under GOOGLE_CUDA, and those must compile too.
+        if want_gpu:
             built.append(build_family(family, out_dir, tf_info, gpu=True, force=force,
                                       jobs=jobs))
     return built
