@@ -497,6 +497,8 @@ def _einsum(lx, node, ins):
     if not arrow:
         raise UnsupportedOpError(node.op, node.name, "implicit-output einsum equations")
     terms = lhs.split(",")
+    # The model axis becomes one more batch label. TensorFlow runs a batched matmul for it;
+    # rewriting EinsumDense projections as explicit BatchMatMulV2 measured no faster here.
     free = [c for c in string.ascii_letters if c not in equation]
     if not free:
         raise UnsupportedOpError(node.op, node.name, "no free letter for the model axis")
