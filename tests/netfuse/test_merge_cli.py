@@ -6,7 +6,7 @@ import os
 from tfweave import cli, netfuse
 from tfweave.netfuse import architectures as arch
 
-from conftest import assert_members_match
+from tests.netfuse.parity import assert_members_match
 
 
 def _export(models, root):

@@ -6,7 +6,7 @@ import pytest
 from tfweave import netfuse
 from tfweave.netfuse import architectures as arch
 
-from conftest import assert_members_match, member_outputs
+from tests.netfuse.parity import assert_members_match, member_outputs
 
 
 def _members(build, count, offset=0):

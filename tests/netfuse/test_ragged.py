@@ -6,7 +6,7 @@ import pytest
 from tfweave import netfuse
 from tfweave.netfuse import architectures as arch
 
-from conftest import assert_members_match
+from tests.netfuse.parity import assert_members_match
 
 
 def _members(build, count):

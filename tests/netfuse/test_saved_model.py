@@ -11,7 +11,7 @@ import pytest
 from tfweave import netfuse
 from tfweave.netfuse import architectures as arch
 
-from conftest import assert_members_match, member_outputs
+from tests.netfuse.parity import assert_members_match, member_outputs
 
 SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
 
