@@ -165,6 +165,11 @@ def _constant_in_graph(value, dtype=None, shape=None, name="Const"):
     return out if shape is None else tf.reshape(out, shape)
 
 
+def _tape_recording() -> bool:
+    from tensorflow.python.eager import record  # pylint: disable=import-outside-toplevel
+    return record.could_possibly_record()
+
+
 def _convert(x, conversion):
     if conversion == "numpy":
         return x.numpy()
@@ -246,6 +251,7 @@ class Specialisation:
     transaction: object = None  # a transactions.Transaction, when the graph writes shadows
     xla_guards: list = field(default_factory=list)  # (guard id, output index) checked on the host
     xla_effects: list = field(default_factory=list)  # (record id, first output, count)
+    tape_note: bool = False
 
     def call(self, flat):
         if self.transaction is not None:
@@ -933,6 +939,15 @@ class JanusFunction:
 
     # -- running a graph -------------------------------------------------------------------------
     def _run(self, spec: Specialisation, call_args):
+        if spec.transaction is not None and _tape_recording():
+            # A shadowed graph reads shadow copies, so an outside tape would see no path to the
+            # user's variables: under a recording tape the call runs eagerly instead.
+            if not spec.tape_note:
+                spec.tape_note = True
+                spec.notes.append("called under a recording GradientTape: runs eagerly then, "
+                                  "because gradients cannot flow through shadow variables")
+            self.eager_calls += 1
+            return self._call_with_kinds(self.fn, call_args)
         flat = []
         fn_globals = self.fn.__globals__
         for feed in spec.feeds:
