@@ -45,6 +45,25 @@ def read_signature_defs(version_dir: str) -> dict:
     raise ValueError(f"{path}: no MetaGraph tagged 'serve' (the tag TF Serving loads)")
 
 
+def load_op_libraries(version_dir: str) -> None:
+    """Loads the tfweave op libraries a merged model names (``op_libraries`` in its
+    netfuse.json, e.g. ``grouped_matmul`` for ragged mode): the session loader can only build
+    a graph whose ops are registered in this process."""
+    from tfweave.serving.model_config import read_netfuse_metadata
+
+    metadata = read_netfuse_metadata(version_dir) or {}
+    families = list(metadata.get("op_libraries") or [])
+    if metadata.get("mode") == "ragged" and "grouped_matmul" not in families:
+        families.append("grouped_matmul")
+    for family in families:
+        from tfweave.ops import load_library
+        try:
+            load_library(family)
+        except ImportError as error:  # OpLibraryError is an ImportError
+            raise ValueError(f"{version_dir} needs tfweave's '{family}' op library: {error}"
+                             ) from error
+
+
 class LoadedModel:
     """One version of a SavedModel as a backend runs it."""
 
@@ -113,6 +132,7 @@ class EmbeddedBackend:
     def load(self, path: str, remote_name: str, version: int) -> LoadedModel:
         import tensorflow as tf
 
+        load_op_libraries(path)
         config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=self._intra,
                                           inter_op_parallelism_threads=self._inter)
         return SessionModel(path, config)

@@ -22,6 +22,7 @@ from tfweave.serving.tensor_codec import dtype_name, numpy_dtype
 
 LOG = logging.getLogger(__name__)
 DEFAULT_SIGNATURE = "serving_default"
+RAGGED_SIGNATURE, GROUP_SIZES = "ragged", "group_sizes"
 _MEMBER_KEY = re.compile(r"^m(\d+)_(.+)$")
 
 
@@ -185,9 +186,13 @@ class MergedModel:
             self.member_inputs = self._split_keys(self.signature.proto.inputs, "input")
             self.member_outputs = self._split_keys(self.signature.proto.outputs, "output")
         self.member_signatures = [self._member_signature(i) for i in range(self.num_members)]
-        self.ragged = False if self.stacked else self._probe_ragged()
+        self.ragged_signature = None if self.stacked else self._ragged_signature()
+        self.ragged = self.ragged_signature is not None or (
+            False if self.stacked else self._probe_ragged())
         LOG.info("merged model %s v%d: %d members, %s", name, version, self.num_members,
                  "stacked [N, B, ...] inputs" if self.stacked else
+                 "ragged signature (busy members' rows concatenated, GroupedMatMul)"
+                 if self.ragged_signature is not None else
                  "zero-row inputs for idle members" if self.ragged else
                  "idle members padded (graph needs equal batch sizes)")
         from tfweave.serving.model_config import BatchingParameters
@@ -233,6 +238,54 @@ class MergedModel:
                 else:
                     target[name].CopyFrom(source[f"m{i}_{name}"])
         return Signature(DEFAULT_SIGNATURE, proto)
+
+    def _ragged_signature(self) -> Signature | None:
+        """The ``ragged`` signature of a ``mode="ragged"`` merge: each input as the rows of all
+        members ``[T, ...]`` plus ``group_sizes`` int32 ``[N]``; members without rows cost
+        nothing, and one run needs 1 + inputs feeds instead of N x inputs."""
+        if self.metadata.get("mode") != "ragged" or RAGGED_SIGNATURE not in \
+                self.model.signature_defs:
+            return None
+        signature = Signature(RAGGED_SIGNATURE, self.model.signature_defs[RAGGED_SIGNATURE])
+        if (set(signature.inputs) != set(self.member_inputs[0]) | {GROUP_SIZES}
+                or set(signature.outputs) != set(self.member_outputs[0])):
+            LOG.warning("merged model %s: signature '%s' does not match the members' inputs "
+                        "and outputs; using '%s' instead", self.name, RAGGED_SIGNATURE,
+                        DEFAULT_SIGNATURE)
+            return None
+        return signature
+
+    def _run_ragged(self, per_member: list[list[Task]], rows: list[int]):
+        results: list[dict] = [{} for _ in per_member]
+        # Rows concatenate only if they agree beyond the batch axis (e.g. sequence length);
+        # members whose requests disagree with the others run in a second ragged run.
+        by_shape: dict[tuple, list[int]] = {}
+        for i, tasks in enumerate(per_member):
+            if tasks:
+                by_shape.setdefault(tasks[0].shape_key, []).append(i)
+        output_keys = self.ragged_signature.output_keys
+        for members in by_shape.values():
+            sizes = np.zeros(self.num_members, np.int32)
+            for i in members:
+                sizes[i] = rows[i]
+            feeds = {}
+            for name in self.member_inputs[0]:
+                parts = [t.inputs[name] for i in members for t in per_member[i]]
+                feeds[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            feeds[GROUP_SIZES] = sizes
+            outputs = self.model.run(RAGGED_SIGNATURE, feeds, output_keys)
+            total = int(sizes.sum())
+            for key, value in outputs.items():
+                if value.ndim == 0 or value.shape[0] != total:
+                    from tfweave.serving.status import internal
+                    raise internal(f"merged model {self.name}: ragged output {key} has shape "
+                                   f"{list(value.shape)}, expected {total} rows")
+            offset = 0
+            for i in members:
+                end = offset + rows[i]
+                results[i] = {k: v[offset:end] for k, v in outputs.items()}
+                offset = end
+        return results
 
     def _run_stacked(self, per_member: list[list[Task]], rows: list[int]):
         batch = max(max(rows), 1)
@@ -292,6 +345,8 @@ class MergedModel:
         rows = [sum(t.rows for t in tasks) for tasks in per_member]
         if self.stacked:
             return self._run_stacked(per_member, rows)
+        if self.ragged_signature is not None:
+            return self._run_ragged(per_member, rows)
         padded_rows = rows if self.ragged else [max(max(rows), 1)] * self.num_members
         like = {}
         for tasks in per_member:
