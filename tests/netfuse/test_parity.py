@@ -67,6 +67,19 @@ def test_bert_like_encoder_merge_matches_members(rng):
     assert_members_match(models, merged.run({i: inputs[i] for i in range(2)}), inputs)
 
 
+
+def test_out_of_vocabulary_id_fails_as_in_the_member_instead_of_reading_a_neighbours_table(rng):
+    import tensorflow as tf
+    models = _members(lambda s: arch.bert_encoder(s, vocab=50, layers=1, hidden=16, heads=2,
+                                                  max_positions=8), 2)
+    merged = netfuse.merge(models)
+    feed = _tokens(rng, 1, mask=True)
+    feed["token_ids"][0, 3] = 60  # in member 1's block of the merged table, not in member 0's
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        member_outputs(models[0], feed)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not in"):
+        merged.run({0: feed})
+
 def test_xlnet_style_relative_attention_merge_matches_members(rng):
     # Relative positional attention: per-member biases, Range/Sin/Cos positions, the
     # Transformer-XL relative shift (Reshape/StridedSlice on per-member scores).

@@ -982,7 +982,12 @@ def _gather(lx, node, ins):
         ids = lx.stacked(indices)
         offsets = tf.reshape(tf.range(lx.n, dtype=ids.dtype) * tf.cast(vocab, ids.dtype),
                              [lx.n] + [1] * i_rank)
-        out = tf.raw_ops.GatherV2(params=table, indices=ids + offsets,
+        # An id outside [0, V) would land in a neighbour's block and silently read its
+        # embedding; send it past the whole table instead, so Gather fails as the member would.
+        in_vocab = tf.logical_and(ids >= 0, ids < tf.cast(vocab, ids.dtype))
+        past_table = tf.fill(tf.shape(ids), tf.cast(lx.n * vocab, ids.dtype))
+        out = tf.raw_ops.GatherV2(params=table,
+                                  indices=tf.where(in_vocab, ids + offsets, past_table),
                                   axis=tf.constant(0, tf.int32), batch_dims=0)
         return [Value(STACKED, out)]
     if params.kind == SHARED and axis_value == 0 and batch_dims == 0:
