@@ -68,13 +68,12 @@ def main(args) -> int:
         print(f"   ({time.perf_counter() - start:.1f} s)")
 
     print("\nSummary")
-    print(f"{'part':<44} {'what':<52} figure")
-    for title, result in summary:
-        part = title.split(":")[0]
-        if isinstance(result, str):
-            print(f"{part:<44} {'':<52} {result}")
-        else:
-            print(f"{part:<44} {result.what:<52} {result.figure}")
+    rows = [(title.split(":")[0], "", result) if isinstance(result, str)
+            else (title.split(":")[0], result.what, result.figure) for title, result in summary]
+    part_width = max([len("part")] + [len(r[0]) for r in rows])
+    what_width = max([len("what")] + [len(r[1]) for r in rows])
+    for part, what, figure in [("part", "what", "figure")] + rows:
+        print(f"{part:<{part_width}}  {what:<{what_width}}  {figure}")
     return 1 if failed else 0
 
 
