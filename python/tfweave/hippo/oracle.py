@@ -14,10 +14,14 @@ values, the per-epoch metrics along the whole path, and the score KerasTuner wou
 
 from __future__ import annotations
 
+import datetime
+import functools
 import json
 import logging
 import os
 import statistics
+import threading
+import time
 
 import keras_tuner
 from keras_tuner.src.engine import trial as trial_module
@@ -30,7 +34,29 @@ META = "hippo/"
 STEPS_METRIC = "hippo_steps"
 CKPT_BYTES_METRIC = "hippo_checkpoint_bytes"
 CKPT_SECONDS_METRIC = "hippo_checkpoint_seconds"
-_ACCOUNTING_METRICS = (STEPS_METRIC, CKPT_BYTES_METRIC, CKPT_SECONDS_METRIC)
+SECONDS_METRIC = "hippo_seconds"
+_ACCOUNTING_METRICS = (STEPS_METRIC, CKPT_BYTES_METRIC, CKPT_SECONDS_METRIC, SECONDS_METRIC)
+
+
+def _synchronized(method):
+    """KerasTuner's ``synchronized`` lock, released also when the method raises.
+
+    KerasTuner's own decorator leaves the oracle's lock held on an exception; on a chief that
+    would stall the lease-expiry loop for good after one bad request.
+    """
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        from keras_tuner.src.engine import oracle as kt_oracle
+        name = threading.current_thread().name
+        if kt_oracle.THREADS[self] == name:
+            return method(self, *args, **kwargs)
+        with kt_oracle.LOCKS[self]:
+            kt_oracle.THREADS[self] = name
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                kt_oracle.THREADS[self] = None
+    return wrapped
 
 
 def space_fingerprint(hyperparameters) -> list:
@@ -63,13 +89,22 @@ class StageTreeOracle(keras_tuner.Oracle):
         keep_leaf_checkpoints: keep every finished trial's final training state (for
             ``load_final_model``); interior states are removed once no pending stage needs them.
         share_stages: False gives every trial its own root: the trial-based baseline, same engine.
+        scheduling: "critical_path" (the ready stage with the longest estimated remaining path
+            to a leaf first, per-step time estimated online) or "depth_first" (continue from
+            the stage just finished).
+        lease_seconds: distributed mode: a running stage whose worker has not renewed its lease
+            for this long is handed to another worker, from its parent's checkpoint.
     """
 
     def __init__(self, objective=None, max_trials=None, max_epochs=None, search="grid",
                  scheduler=None, min_epochs=1, factor=3, median_stopping=False,
                  median_min_trials=3, seed=None, hyperparameters=None, allow_new_entries=True,
                  tune_new_entries=True, max_retries_per_trial=0, max_consecutive_failed_trials=3,
-                 checkpoint_dir=None, keep_leaf_checkpoints=True, share_stages=True):
+                 checkpoint_dir=None, keep_leaf_checkpoints=True, share_stages=True,
+                 scheduling="critical_path", lease_seconds=60.0):
+        if scheduling not in ("critical_path", "depth_first"):
+            raise ValueError(f"scheduling must be 'critical_path' or 'depth_first', got "
+                             f"{scheduling!r}")
         super().__init__(objective=objective, max_trials=None, hyperparameters=hyperparameters,
                          allow_new_entries=allow_new_entries, tune_new_entries=tune_new_entries,
                          seed=seed, max_retries_per_trial=max_retries_per_trial,
@@ -89,6 +124,11 @@ class StageTreeOracle(keras_tuner.Oracle):
         self.checkpoint_dir = checkpoint_dir
         self.keep_leaf_checkpoints = keep_leaf_checkpoints
         self.share_stages = share_stages
+        self.scheduling = scheduling
+        self.lease_seconds = float(lease_seconds)
+        self._leases: dict[str, float] = {}  # running stage trial -> last renewal (monotonic)
+        self._tuner_seen: dict[str, float] = {}  # tuner id -> last create_trial (monotonic)
+        self._expired: list[str] = []  # stage trials whose lease ran out (late reports ignored)
         self.tree = StageTree()
         self.paths: dict[str, dict] = {}
         self._path_trials: dict[str, trial_module.Trial] = {}
@@ -97,7 +137,8 @@ class StageTreeOracle(keras_tuner.Oracle):
         self._last_done = None
         self._accounting = {"stages_run": 0, "executed_steps": 0, "executed_epochs": 0,
                             "checkpoint_bytes": 0, "checkpoint_seconds": 0.0,
-                            "checkpoints_removed": 0, "checkpoints_unusable": 0}
+                            "checkpoints_removed": 0, "checkpoints_unusable": 0,
+                            "stages_lost": 0, "stage_seconds": 0.0}
         self.space_fingerprint = None
 
     # --- paths ----------------------------------------------------------------------------------
@@ -271,10 +312,50 @@ class StageTreeOracle(keras_tuner.Oracle):
         ready = self.tree.ready()
         if not ready:
             return None
+        order = {node_id: i for i, node_id in enumerate(self.tree.nodes)}
+        if self.scheduling == "critical_path":
+            # Longest remaining path first bounds the makespan of parallel workers; ties go
+            # depth first (the state just trained may still be in a worker's memory).
+            remaining = self.remaining_seconds()
+            return max(ready, key=lambda n: (round(remaining[n.id], 9),
+                                             n.parent == self._last_done, n.start, -order[n.id]))
         # Depth first from the stage just finished: its state is still in the tuner's memory and
         # its trials reach their ends (and scores) sooner.
-        order = {node_id: i for i, node_id in enumerate(self.tree.nodes)}
         return max(ready, key=lambda n: (n.parent == self._last_done, n.start, -order[n.id]))
+
+    # --- critical path -------------------------------------------------------------------------------
+    def step_seconds(self) -> float:
+        """Seconds per training step, estimated online from the stages done so far (1 before)."""
+        done = [n for n in self.tree.nodes.values() if n.steps and n.seconds]
+        steps = sum(n.steps for n in done)
+        return sum(n.seconds for n in done) / steps if steps else 1.0
+
+    def estimated_stage_seconds(self, node) -> float:
+        if node.steps:
+            return node.steps * self.step_seconds()
+        done = [n for n in self.tree.nodes.values() if n.steps and n.length]
+        per_epoch = (sum(n.steps for n in done) / sum(n.length for n in done)) if done else 1.0
+        return node.length * per_epoch * self.step_seconds()
+
+    def remaining_seconds(self) -> dict:
+        """Per node: estimated seconds of its stage plus the longest still-needed path below it
+        (pending or running stages only: done and cancelled ones cost nothing more)."""
+        out = {}
+        for node in sorted(self.tree.nodes.values(), key=lambda n: -n.end):
+            below = [out[c] for c in node.children
+                     if self.tree.nodes[c].status in (PENDING, RUNNING)]
+            own = self.estimated_stage_seconds(node) if node.status in (PENDING, RUNNING) else 0.0
+            out[node.id] = own + max(below, default=0.0)
+        return out
+
+    def critical_path_seconds(self) -> float:
+        """The study's critical path in measured seconds: the longest root-to-leaf chain of
+        stages as they ran (a lower bound on any schedule's makespan, however many workers)."""
+        longest = {}
+        for node in sorted(self.tree.nodes.values(), key=lambda n: n.end):
+            parent = longest.get(node.parent, 0.0) if node.parent else 0.0
+            longest[node.id] = parent + (node.seconds if node.status == DONE else 0.0)
+        return max(longest.values(), default=0.0)
 
     def _stage_values(self, node) -> dict:
         through = self._paths_through(node.id, active_only=True) or \
@@ -292,6 +373,7 @@ class StageTreeOracle(keras_tuner.Oracle):
             META + "config": json.dumps(node.config, sort_keys=True),
             META + "seed": int(self.seed),
             META + "trials": len(through),
+            META + "lease_seconds": self.lease_seconds,
         })
         return values
 
@@ -309,8 +391,70 @@ class StageTreeOracle(keras_tuner.Oracle):
         storage.makedirs(directory)
         return os.path.join(directory, f"stage_{node_id}.ckpt")
 
-    @keras_tuner.synchronized
+    # --- distributed mode: leases ------------------------------------------------------------------
+    @_synchronized
+    def create_trial(self, tuner_id):
+        self._tuner_seen[tuner_id] = time.monotonic()
+        trial = super().create_trial(tuner_id)
+        if trial.status == trial_module.TrialStatus.RUNNING:
+            self._leases[trial.trial_id] = time.monotonic()
+        return trial
+
+    @_synchronized
+    def expire_leases(self) -> list[str]:
+        """Hands stages whose workers stopped renewing their lease back to the queue."""
+        now, expired = time.monotonic(), []
+        for tuner_id, trial in list(self.ongoing_trials.items()):
+            renewed = self._leases.get(trial.trial_id)
+            if renewed is None or now - renewed <= self.lease_seconds:
+                continue
+            expired.append(trial.trial_id)
+            self.ongoing_trials.pop(tuner_id)
+            self.tuner_ids.discard(tuner_id)
+            self._tuner_seen.pop(tuner_id, None)
+            self._leases.pop(trial.trial_id, None)
+            self._expired.append(trial.trial_id)
+            stored = self.trials[trial.trial_id]
+            stored.status = trial_module.TrialStatus.INVALID
+            stored.message = (f"worker {tuner_id} stopped renewing its lease for "
+                              f"{self.lease_seconds:.0f} s")
+            self.end_order.append(trial.trial_id)
+            self._save_trial(stored)
+            node_id = self._stage_of_trial.get(trial.trial_id)
+            node = self.tree.nodes.get(node_id) if node_id else None
+            if node is not None and node.status == RUNNING:
+                node.status = PENDING
+                self._require_state(self.tree.nodes[node.parent])
+                self._accounting["stages_lost"] += 1
+                LOG.warning("stage %s (epochs %d-%d): %s; it reruns from its parent's "
+                            "checkpoint", node.id, node.start, node.end, stored.message)
+        if expired:
+            self.save()
+        return expired
+
+    @_synchronized
+    def study_finished(self, stop_sent: bool) -> bool:
+        """Chief: the study is over and every worker still alive has been told so."""
+        if not stop_sent or self.ongoing_trials:
+            return False
+        now = time.monotonic()
+        # A worker that vanished while waiting never asks again: wait out one lease.
+        return all(now - self._tuner_seen.get(t, 0.0) > self.lease_seconds
+                   for t in self.tuner_ids)
+
+    @_synchronized
     def end_trial(self, trial):
+        stored = self.trials.get(trial.trial_id)
+        if trial.trial_id in self._expired or (
+                stored is not None and trial.trial_id in self.end_order
+                and stored.status in (trial_module.TrialStatus.COMPLETED,
+                                      trial_module.TrialStatus.FAILED)):
+            # A worker thought dead, or a report repeated across a chief restart: the stage
+            # was (or is being) run again and this result must not count twice.
+            LOG.warning("ignoring a late report of stage trial %s (%s)", trial.trial_id,
+                        trial.status)
+            return
+        self._leases.pop(trial.trial_id, None)
         node_id = self._stage_of_trial.get(trial.trial_id) or \
             trial.hyperparameters.values.get(META + "stage")
         message = trial.message or ""
@@ -358,6 +502,7 @@ class StageTreeOracle(keras_tuner.Oracle):
                     history.setdefault(int(observation.step), {})[name] = observation.mean()
         node.history = {e: m for e, m in history.items() if node.start <= e < node.end}
         node.steps = int(extras.get(STEPS_METRIC, 0))
+        node.seconds = float(extras.get(SECONDS_METRIC, 0.0))
         node.status, node.runs, node.trial_id = DONE, node.runs + 1, trial.trial_id
         node.checkpoint = trial.hyperparameters.values.get(META + "checkpoint")
         accounting = self._accounting
@@ -366,6 +511,7 @@ class StageTreeOracle(keras_tuner.Oracle):
         accounting["executed_epochs"] += node.length
         accounting["checkpoint_bytes"] += int(extras.get(CKPT_BYTES_METRIC, 0))
         accounting["checkpoint_seconds"] += float(extras.get(CKPT_SECONDS_METRIC, 0.0))
+        accounting["stage_seconds"] = accounting.get("stage_seconds", 0.0) + node.seconds
         self._last_done = node.id
         if self.median_stopping:
             self._median_stop(node)
@@ -445,6 +591,8 @@ class StageTreeOracle(keras_tuner.Oracle):
         return ranked[:num_trials]
 
     def get_trial(self, trial_id):
+        if trial_id in self._leases:  # a worker's heartbeat
+            self._leases[trial_id] = time.monotonic()
         if trial_id in self._path_trials:
             return self._path_trials[trial_id]
         return super().get_trial(trial_id)
@@ -483,6 +631,7 @@ class StageTreeOracle(keras_tuner.Oracle):
             "search": {"name": self.search.name, "state": self.search.get_state()},
             "scheduler": {"name": self.scheduler.name, "state": self.scheduler.get_state()},
             "space_fingerprint": self.space_fingerprint,
+            "expired": self._expired,
         }
         return state
 
@@ -510,6 +659,8 @@ class StageTreeOracle(keras_tuner.Oracle):
         self.search.set_state(hippo["search"]["state"])
         self.scheduler.set_state(hippo["scheduler"]["state"])
         self.space_fingerprint = hippo["space_fingerprint"]
+        self._expired = list(hippo.get("expired", []))
+        self._ongoing_at_save = dict(self.ongoing_trials)
         self._path_trials = {p["id"]: self._path_trial(p) for p in self.paths.values()
                              if p["status"] != "pending"}
 
@@ -521,6 +672,24 @@ class StageTreeOracle(keras_tuner.Oracle):
 
     def reload(self):
         super().reload()
+        from tfweave.hippo import distributed
+        if distributed.is_chief():
+            # A restarted chief: workers may still be training the stages that were running;
+            # give them a fresh lease instead of rerunning (expiry reruns those that are gone).
+            now = time.monotonic()
+            self.ongoing_trials = dict(getattr(self, "_ongoing_at_save", {}))
+            for tuner_id, trial in self.ongoing_trials.items():
+                trial.status = trial_module.TrialStatus.RUNNING
+                # Saved before KerasTuner's display noted the start: its end would fail.
+                self._display.trial_start.setdefault(trial.trial_id, datetime.datetime.now())
+                self._display.trial_number.setdefault(
+                    trial.trial_id, self.start_order.index(trial.trial_id) + 1
+                    if trial.trial_id in self.start_order else len(self.trials))
+                self._leases[trial.trial_id] = now
+                self._tuner_seen[tuner_id] = now
+                self.tuner_ids.add(tuner_id)
+            self._retry_queue = []
+            return
         # Stages that were running when the process stopped run again from their parents.
         for trial_id in self._retry_queue:
             node_id = self._stage_of_trial.get(trial_id)

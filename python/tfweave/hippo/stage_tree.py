@@ -46,6 +46,7 @@ class StageNode:
     checkpoint: str | None = None  # path of the saved state while it exists
     history: dict = dataclasses.field(default_factory=dict)  # epoch (0-based) -> metrics
     steps: int = 0  # training steps of one execution of this stage
+    seconds: float = 0.0  # wall time of its last execution (critical-path estimates)
     runs: int = 0  # executions that completed (more than 1 means a rerun)
     message: str | None = None
 
@@ -130,6 +131,8 @@ class StageTree:
         if node.steps:  # one configuration holds on the whole stage: steps per epoch are equal
             middle.steps = node.steps * (epoch - node.start) // node.length
             node.steps -= middle.steps
+            middle.seconds = node.seconds * (epoch - node.start) / node.length
+            node.seconds -= middle.seconds
         self.nodes[middle.id] = middle
         parent.children[parent.children.index(node_id)] = middle.id
         middle.children.append(node_id)

@@ -33,6 +33,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 
 import keras
 import keras_tuner
@@ -41,10 +42,10 @@ from keras_tuner.src import utils as kt_utils
 from keras_tuner.src.backend import config as kt_config
 from keras_tuner.src.engine import tuner_utils
 
-from tfweave.hippo import checkpoints
+from tfweave.hippo import checkpoints, distributed
 from tfweave.hippo.epoch_data import EpochData
-from tfweave.hippo.oracle import (CKPT_BYTES_METRIC, CKPT_SECONDS_METRIC, META, STEPS_METRIC,
-                                  StageTreeOracle, space_fingerprint)
+from tfweave.hippo.oracle import (CKPT_BYTES_METRIC, CKPT_SECONDS_METRIC, META, SECONDS_METRIC,
+                                  STEPS_METRIC, StageTreeOracle, space_fingerprint)
 
 LOG = logging.getLogger("tfweave.hippo")
 # Schedules whose change needs no retrace: a variable, or the input pipeline.
@@ -115,7 +116,7 @@ class StageTreeTuner(keras_tuner.Tuner):
                  seed=None, hyperparameters=None, tune_new_entries=True, allow_new_entries=True,
                  max_retries_per_trial=0, max_consecutive_failed_trials=3, checkpoint_dir=None,
                  keep_leaf_checkpoints=True, share_stages=True, oracle=None, reuse_models=True,
-                 model_pool_size=2, **kwargs):
+                 model_pool_size=2, scheduling="critical_path", lease_seconds=60.0, **kwargs):
         if oracle is None:
             oracle = StageTreeOracle(
                 objective=objective, max_trials=max_trials, max_epochs=max_epochs, search=search,
@@ -125,7 +126,7 @@ class StageTreeTuner(keras_tuner.Tuner):
                 max_retries_per_trial=max_retries_per_trial,
                 max_consecutive_failed_trials=max_consecutive_failed_trials,
                 checkpoint_dir=checkpoint_dir, keep_leaf_checkpoints=keep_leaf_checkpoints,
-                share_stages=share_stages)
+                share_stages=share_stages, scheduling=scheduling, lease_seconds=lease_seconds)
         elif not isinstance(oracle, StageTreeOracle):
             raise TypeError(f"StageTreeTuner needs a hippo.StageTreeOracle, got "
                             f"{type(oracle).__name__}")
@@ -135,7 +136,11 @@ class StageTreeTuner(keras_tuner.Tuner):
         self._pool: dict[str, _PooledModel] = {}
         self._data = None
         self._current_stage = None
+        self._heartbeat = None
         super().__init__(oracle=oracle, hypermodel=hypermodel, **kwargs)
+        if distributed.is_worker():
+            # KerasTuner's worker re-asks at once on IDLE; wait with back-off instead.
+            self.oracle = distributed.BackoffOracleClient(self.oracle)
         if self._reloaded and self.hypermodel is not None:
             self._check_space_unchanged()
 
@@ -178,6 +183,11 @@ class StageTreeTuner(keras_tuner.Tuner):
         for name in ("initial_epoch", "steps_per_epoch"):
             if name in fit_kwargs:
                 raise ValueError(f"search() does not take {name}: stages set their own epochs")
+        if distributed.is_chief():
+            # The chief trains nothing: it serves the oracle until the study is over.
+            self.save()
+            distributed.serve_chief(self.oracle)
+            return None
         fit_args, fit_kwargs = self._with_epoch_data(fit_args, fit_kwargs)
         try:
             return super().search(*fit_args, **fit_kwargs)
@@ -208,16 +218,33 @@ class StageTreeTuner(keras_tuner.Tuner):
         self._owns_data = True
         return (self._data,) + tuple(rest), fit_kwargs
 
+    def on_trial_begin(self, trial):
+        super().on_trial_begin(trial)
+        lease = trial.hyperparameters.values.get(META + "lease_seconds")
+        if distributed.is_worker() and lease:
+            self._heartbeat = distributed.Heartbeat(self.oracle, trial.trial_id,
+                                                    max(0.2, float(lease) / 4)).start()
+
+    def on_trial_end(self, trial):
+        try:
+            super().on_trial_end(trial)
+        finally:
+            if self._heartbeat is not None:
+                self._heartbeat.stop()
+                self._heartbeat = None
+
     def _run_and_update_trial(self, trial, *fit_args, **fit_kwargs):
         # Every epoch is reported (not only the best one, as KerasTuner does): the oracle
         # assembles per-trial histories from the stages along each path.
+        start = time.perf_counter()
         logs, steps, stats = self.run_trial(trial, *fit_args, **fit_kwargs)
+        seconds = time.perf_counter() - start
         last = max(logs)
         for epoch in sorted(logs):
             metrics = dict(logs[epoch])
             if epoch == last:
                 metrics.update({STEPS_METRIC: steps, CKPT_BYTES_METRIC: stats.bytes,
-                                CKPT_SECONDS_METRIC: stats.seconds})
+                                CKPT_SECONDS_METRIC: stats.seconds, SECONDS_METRIC: seconds})
             self.oracle.update_trial(trial.trial_id, metrics, step=epoch)
 
     def run_trial(self, trial, *fit_args, **fit_kwargs):

@@ -1,0 +1,141 @@
+"""KerasTuner's chief/worker mode for stage trees: leases, back-off and a chief that can restart.
+
+KerasTuner's chief serves the oracle over gRPC and workers call only its stock methods, so
+everything here rides on them:
+
+- *Back-off.* ``BaseTuner.search`` re-asks at once when the oracle answers IDLE (a stage is
+  waiting for its parent): ``BackoffOracleClient`` sleeps between such answers, doubling the
+  pause up to ``max_delay``, and retries a call cut by a chief restart.
+- *Leases.* A worker renews the lease on the stage it runs by calling ``get_trial`` for it every
+  ``lease_seconds / 4`` (``Heartbeat``). The chief's loop (``serve_chief``) hands a stage whose
+  lease ran out to another worker, from the stage's parent checkpoint: a killed worker loses at
+  most the stage it was running.
+- *Chief restart.* The oracle's state and stage tree are written atomically on every change; a
+  restarted chief reloads them, keeps stages that were running under a fresh lease (their workers
+  carry on, their gRPC calls wait for the chief to be back) and reruns only those whose lease
+  runs out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+LOG = logging.getLogger("tfweave.hippo")
+
+
+def is_chief() -> bool:
+    from keras_tuner.src.distribute import utils as dist_utils
+    return dist_utils.is_chief_oracle()
+
+
+def is_worker() -> bool:
+    from keras_tuner.src.distribute import utils as dist_utils
+    return dist_utils.has_chief_oracle() and not dist_utils.is_chief_oracle()
+
+
+class BackoffOracleClient:
+    """Wraps KerasTuner's ``OracleClient``: waits with back-off on IDLE, survives chief restarts."""
+
+    _CALLS = ("create_trial", "update_trial", "end_trial", "get_trial", "get_best_trials",
+              "get_space", "update_space")
+
+    def __init__(self, client, min_delay: float = 0.05, max_delay: float = 2.0,
+                 retry_seconds: float = 600.0):
+        self._client = client
+        self.min_delay, self.max_delay, self.retry_seconds = min_delay, max_delay, retry_seconds
+        self.idle_waits = 0  # how many IDLE answers were waited out (tests read it)
+
+    def __getattr__(self, name):
+        if name in self._CALLS:
+            return lambda *args, **kwargs: self._call(name, *args, **kwargs)
+        return getattr(self._client, name)
+
+    def _call(self, name, *args, **kwargs):
+        import grpc
+
+        deadline = time.monotonic() + self.retry_seconds
+        delay = self.min_delay
+        while True:
+            try:
+                return getattr(self._client, name)(*args, **kwargs)
+            except grpc.RpcError as error:
+                # A call cut mid-flight by a chief restart; new calls wait for it to be back.
+                if error.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                        grpc.StatusCode.DEADLINE_EXCEEDED) or \
+                        time.monotonic() > deadline:
+                    raise
+                LOG.warning("chief unreachable during %s (%s); retrying in %.1f s", name,
+                            error.code().name, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, self.max_delay)
+
+    def create_trial(self, tuner_id):
+        delay = self.min_delay
+        while True:
+            trial = self._call("create_trial", tuner_id)
+            if trial.status != "IDLE":
+                return trial
+            # Nothing ready yet (a stage waits for its parent on another worker).
+            self.idle_waits += 1
+            time.sleep(delay)
+            delay = min(delay * 2, self.max_delay)
+
+
+class Heartbeat:
+    """Renews a running stage's lease on the chief until stopped."""
+
+    def __init__(self, client, trial_id: str, interval: float):
+        self._client, self._trial_id, self._interval = client, trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"hippo-heartbeat-{trial_id}",
+                                        daemon=True)
+
+    def start(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self._interval):
+            try:
+                self._client.get_trial(self._trial_id)
+            except Exception as error:  # the chief may be restarting; the lease tolerates gaps
+                LOG.debug("heartbeat for %s failed: %s", self._trial_id, error)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def serve_chief(oracle, poll_seconds: float = 0.5) -> None:
+    """KerasTuner's chief server, plus lease expiry, exiting once the study is over.
+
+    Replaces ``keras_tuner.src.distribute.oracle_chief.start_server``, whose loop neither expires
+    stages of dead workers nor exits before every worker it ever saw has asked again.
+    """
+    from concurrent import futures
+
+    import grpc
+    from keras_tuner.src import protos
+    from keras_tuner.src.distribute import oracle_chief
+
+    address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    servicer = oracle_chief.OracleServicer(oracle)
+    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
+    if not server.add_insecure_port(address):
+        raise RuntimeError(f"the hippo chief cannot listen on {address}: is another chief "
+                           f"running there? Set KERASTUNER_ORACLE_PORT to a free port")
+    server.start()
+    LOG.info("hippo chief serving the oracle on %s", address)
+    try:
+        while True:
+            time.sleep(poll_seconds)
+            oracle.expire_leases()
+            if oracle.study_finished(stop_sent=servicer.stop_triggered):
+                break
+    finally:
+        server.stop(grace=1.0)
+    LOG.info("hippo chief: study finished")
