@@ -39,6 +39,9 @@ from benchmarks.harness import compare, ratio_row
 LOG = logging.getLogger("benchmarks.serving")
 REPO = Path(__file__).resolve().parents[1]
 IN_DIM, WIDTH, LAYERS, OUT_DIM = 32, 64, 6, 10
+ENCODER = dict(vocab=1000, layers=4, hidden=256, heads=4, intermediate=1024, max_positions=64)
+SEQ_LEN = 8
+ENCODER_MERGE_MODE = "ragged"
 BATCHING = """max_batch_size { value: 64 }
 batch_timeout_micros { value: 0 }
 num_batch_threads { value: 2 }
@@ -162,20 +165,20 @@ class _Server:
 class _LoadGenerator:
     """Closed-loop gRPC clients on one private event loop (one HTTP/2 channel per server)."""
 
-    def __init__(self, target: str, names: list[str], rows: int):
+    def __init__(self, target: str, names: list[str], feeds: dict[str, np.ndarray]):
         import grpc
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
         self._loop = asyncio.new_event_loop()
         self._grpc = grpc
-        x = np.random.default_rng(0).standard_normal((rows, IN_DIM)).astype(np.float32)
-        proto = tf.make_tensor_proto(x)
+        protos = {key: tf.make_tensor_proto(value) for key, value in feeds.items()}
         self._requests = {}
         for name in names:
             request = predict_pb2.PredictRequest()
             request.model_spec.name = name
-            request.inputs["x"].CopyFrom(proto)
+            for key, proto in protos.items():
+                request.inputs[key].CopyFrom(proto)
             self._requests[name] = request
         self._names = names
 
@@ -218,8 +221,15 @@ def _percentile(values, q):
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def _write_models(root: Path, n: int) -> tuple[list[str], Path, Path, str]:
-    """N member SavedModels, their merged model, and a config serving the members unmerged.
+def _unmerged_config(path: Path, names: list[str], member_root: Path) -> Path:
+    path.write_text("model_config_list {\n" + "".join(
+        f'  config {{ name: "{name}" base_path: "{member_root / name}" }}\n'
+        for name in names) + "}\n")
+    return path
+
+
+def _write_mlp_models(root: Path, n: int) -> tuple[list[str], Path, Path, str]:
+    """N member MLP SavedModels, their merged model, and a config serving them unmerged.
 
     The merged model is ``netfuse.merge(..., stacked=True)`` when that works, else the same
     stacked form written directly (returned: which one was used)."""
@@ -241,11 +251,132 @@ def _write_models(root: Path, n: int) -> tuple[list[str], Path, Path, str]:
         shutil.rmtree(merged, ignore_errors=True)
         _write_stacked_merged(str(merged / "1"), weights, names, member_dirs)
         made_by = "stacked merged model written directly (netfuse.merge failed)"
-    config = root / "unmerged.config"
-    config.write_text("model_config_list {\n" + "".join(
-        f'  config {{ name: "{name}" base_path: "{root / "members" / name}" }}\n'
-        for name in names) + "}\n")
+    config = _unmerged_config(root / "unmerged.config", names, root / "members")
     return names, merged, config, made_by
+
+
+def _export_encoders(root: Path, n: int) -> list[str]:
+    """N small encoders (netfuse.architectures.bert_encoder, L=4, H=256), each perturbed like
+    a fine-tuned copy, exported as Keras 3 SavedModels (``root/eNN/1``)."""
+    import gc
+
+    from tfweave.netfuse import architectures as arch
+    names = []
+    for seed in range(n):
+        name = f"e{seed:02d}"
+        model = arch.perturb(arch.bert_encoder(seed, seq_len=SEQ_LEN, **ENCODER), seed)
+        model.export(str(root / name / "1"), verbose=False)
+        names.append(name)
+        del model
+        gc.collect()
+    LOG.info("exported %d small encoders", n)
+    return names
+
+
+def _merge_encoders(root: Path, member_root: Path, names: list[str]) -> Path:
+    from tfweave import netfuse
+    merged = root / "merged"
+    start = time.perf_counter()
+    netfuse.merge([str(member_root / name / "1") for name in names], str(merged / "1"),
+                  names=names, mode=ENCODER_MERGE_MODE)
+    LOG.info("merged %d encoders (mode=%s) in %.0f s", len(names), ENCODER_MERGE_MODE,
+             time.perf_counter() - start)
+    return merged
+
+
+def _start_pair(candidate_args, baseline_args, root: Path):
+    """Both servers, started side by side (each loads TensorFlow and its models)."""
+    result = {}
+
+    def start(key, args):
+        try:
+            result[key] = _Server(args, root / f"{key}.log")
+        except Exception as error:  # re-raised below, after the other one started or failed
+            result[key] = error
+
+    threads = [threading.Thread(target=start, args=a) for a in
+               (("candidate", candidate_args), ("baseline", baseline_args))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    failed = [v for v in result.values() if isinstance(v, Exception)]
+    if failed:
+        for value in result.values():
+            if isinstance(value, _Server):
+                value.stop()
+        raise failed[0]
+    return result["candidate"], result["baseline"]
+
+
+def _batch_totals(server: _Server) -> tuple[float, float]:
+    """(merged runs, requests in them) so far, from the server's Prometheus metrics."""
+    return (server.metric_sum(":tfweave:serving:batch_size_count"),
+            server.metric_sum(":tfweave:serving:batch_size_sum"))
+
+
+def _cells(report, label: str, n: int, names, merged: Path, config: Path, feeds,
+           client_counts, total_for, repeats: int, batching: Path, root: Path,
+           throughput: dict, histograms: dict) -> None:
+    common = ["--enable_batching", "--batching_parameters_file", str(batching)]
+    candidate, baseline = _start_pair(
+        ["--model_name", "merged", "--model_base_path", str(merged)] + common,
+        ["--model_config_file", str(config)] + common, root)
+    try:
+        load_c = _LoadGenerator(candidate.target, names, feeds)
+        load_b = _LoadGenerator(baseline.target, names, feeds)
+        xs, ys_c, ys_b = [], [], []
+        for clients in client_counts:
+            total = total_for(clients)
+            per = clients * max(1, total // clients)   # requests one repeat sends
+            case = f"{label}/N={n}/clients={clients}"
+            small_load = n == 32 and clients <= n
+            before = _batch_totals(candidate)
+            row = compare(case, lambda: load_c.run(clients, total),
+                          lambda: load_b.run(clients, total),
+                          candidate_name="cross-model batching (merged)",
+                          baseline_name="per-model batching (N models)",
+                          repeats=repeats, warmup=1, target=3.0 if small_load else None)
+            runs, batched = (a - b for a, b in zip(_batch_totals(candidate), before))
+            lat_c = load_c.latencies[-repeats * per:]   # the timed repeats, not the warmup
+            lat_b = load_b.latencies[-repeats * per:]
+            load_c.latencies.clear()
+            load_b.latencies.clear()
+            row.extra.update({
+                "candidate_rps": round(per / row.candidate_median_s, 1),
+                "baseline_rps": round(per / row.baseline_median_s, 1),
+                "candidate_p50_ms": round(_percentile(lat_c, 50) * 1e3, 3),
+                "candidate_p99_ms": round(_percentile(lat_c, 99) * 1e3, 3),
+                "baseline_p50_ms": round(_percentile(lat_b, 50) * 1e3, 3),
+                "baseline_p99_ms": round(_percentile(lat_b, 99) * 1e3, 3),
+                "candidate_requests_per_run": round(batched / max(runs, 1), 2),
+                "failures": load_c.failures + load_b.failures})
+            report.add(row)
+            for q in (50, 99):
+                report.add(ratio_row(
+                    f"{case}/p{q}", candidate_name=f"cross-model p{q} ms",
+                    baseline_name=f"per-model p{q} ms",
+                    candidate_value=row.extra[f"candidate_p{q}_ms"],
+                    baseline_value=row.extra[f"baseline_p{q}_ms"], higher_is_better=False,
+                    target=1.0 if small_load and q == 99 else None))
+            LOG.info("%s: %.0f vs %.0f req/s (%.1f requests per merged run), p50 %.2f vs "
+                     "%.2f ms, p99 %.2f vs %.2f ms", case,
+                     row.extra["candidate_rps"], row.extra["baseline_rps"],
+                     row.extra["candidate_requests_per_run"],
+                     row.extra["candidate_p50_ms"], row.extra["baseline_p50_ms"],
+                     row.extra["candidate_p99_ms"], row.extra["baseline_p99_ms"])
+            xs.append(clients)
+            ys_c.append(row.extra["candidate_rps"])
+            ys_b.append(row.extra["baseline_rps"])
+            if clients == max(c for c in client_counts if c <= n):
+                histograms[f"{label} N={n}"] = (lat_c, lat_b, clients)
+        throughput[f"{label} N={n} cross-model"] = (xs, ys_c)
+        throughput[f"{label} N={n} per-model"] = (xs, ys_b)
+        load_c.close()
+        load_b.close()
+    finally:
+        candidate.stop()
+        baseline.stop()
 
 
 def run(report, quick: bool) -> None:
@@ -253,87 +384,58 @@ def run(report, quick: bool) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = [8, 32]
-    client_counts = [8, 32] if quick else [1, 4, 16, 32, 64]
-    requests_per_repeat = 300 if quick else 1200
+    sizes = [8] if quick else [8, 32]
+    client_counts = [1, 8] if quick else [1, 4, 16, 32, 64]
     repeats = 2 if quick else 3
     work = Path(tempfile.mkdtemp(prefix="tfweave-serving-bench-"))
     throughput: dict[str, tuple[list, list]] = {}
-    histograms = {}
+    histograms: dict = {}
+    rng = np.random.default_rng(0)
+    encoder_feeds = {
+        "token_ids": rng.integers(0, ENCODER["vocab"], (1, SEQ_LEN)).astype(np.int32),
+        "padding_mask": np.ones((1, SEQ_LEN), np.int32)}
     try:
         batching = work / "batching.config"
         batching.write_text(BATCHING)
+        member_root = work / "encoders"
+        all_names = _export_encoders(member_root, max(sizes))
         for n in sizes:
-            root = work / f"n{n}"
-            LOG.info("N=%d: writing %d member SavedModels and merging them", n, n)
-            names, merged, config, made_by = _write_models(root, n)
-            report.notes.append(f"N={n}: merged model: {made_by}")
-            common = ["--enable_batching", "--batching_parameters_file", str(batching)]
-            candidate = _Server(["--model_name", "merged", "--model_base_path", str(merged)]
-                                + common, root / "candidate.log")
-            baseline = _Server(["--model_config_file", str(config)] + common,
-                               root / "baseline.log")
-            try:
-                load_c = _LoadGenerator(candidate.target, names, rows=1)
-                load_b = _LoadGenerator(baseline.target, names, rows=1)
-                xs, ys_c, ys_b = [], [], []
-                for clients in client_counts:
-                    total = max(requests_per_repeat, clients * 4)
-                    load_c.latencies.clear()
-                    load_b.latencies.clear()
-                    case = f"N={n}/clients={clients}/rows=1"
-                    row = compare(case, lambda: load_c.run(clients, total),
-                                  lambda: load_b.run(clients, total),
-                                  candidate_name="cross-model batching (merged)",
-                                  baseline_name="per-model batching (N models)",
-                                  repeats=repeats, warmup=1,
-                                  target=3.0 if n == 32 and clients <= n else None)
-                    # Latencies of the timed repeats only (warmup cleared below).
-                    lat_c = load_c.latencies[-repeats * total:]
-                    lat_b = load_b.latencies[-repeats * total:]
-                    per = total - total % clients if total >= clients else clients
-                    row.extra.update({
-                        "candidate_rps": per / row.candidate_median_s,
-                        "baseline_rps": per / row.baseline_median_s,
-                        "candidate_p50_ms": _percentile(lat_c, 50) * 1e3,
-                        "candidate_p99_ms": _percentile(lat_c, 99) * 1e3,
-                        "baseline_p50_ms": _percentile(lat_b, 50) * 1e3,
-                        "baseline_p99_ms": _percentile(lat_b, 99) * 1e3,
-                        "failures": load_c.failures + load_b.failures})
-                    report.add(row)
-                    if n == 32:
-                        report.add(ratio_row(
-                            f"{case}/p99", candidate_name="cross-model p99",
-                            baseline_name="per-model p99",
-                            candidate_value=row.extra["candidate_p99_ms"],
-                            baseline_value=row.extra["baseline_p99_ms"],
-                            higher_is_better=False, target=1.0 if clients <= n else None))
-                    LOG.info("%s: %.0f vs %.0f req/s, p99 %.2f vs %.2f ms", case,
-                             row.extra["candidate_rps"], row.extra["baseline_rps"],
-                             row.extra["candidate_p99_ms"], row.extra["baseline_p99_ms"])
-                    xs.append(clients)
-                    ys_c.append(row.extra["candidate_rps"])
-                    ys_b.append(row.extra["baseline_rps"])
-                    if clients == max(c for c in client_counts if c <= n):
-                        histograms[n] = (lat_c, lat_b, clients)
-                throughput[f"N={n} cross-model"] = (xs, ys_c)
-                throughput[f"N={n} per-model"] = (xs, ys_b)
-                load_c.close()
-                load_b.close()
-            finally:
-                candidate.stop()
-                baseline.stop()
+            root = work / f"encoder-n{n}"
+            root.mkdir()
+            names = all_names[:n]
+            merged = _merge_encoders(root, member_root, names)
+            config = _unmerged_config(root / "unmerged.config", names, member_root)
+            _cells(report, "encoder-L4-H256-seq8", n, names, merged, config, encoder_feeds,
+                   client_counts, (lambda c: 100) if quick else (lambda c: max(300, 8 * c)),
+                   repeats, batching, root, throughput, histograms)
+        report.notes.append(
+            "encoder-L4-H256-seq8: netfuse.architectures.bert_encoder (L=4, H=256, 4 heads, "
+            "FFN 1024, vocab 1000), members perturbed like fine-tuned copies, exported with "
+            f"Keras 3 model.export(); merged with netfuse.merge(mode='{ENCODER_MERGE_MODE}') "
+            "(served through its 'ragged' signature: only members with requests are computed); "
+            "1 request = 1 row of 8 tokens.")
+        if not quick:
+            root = work / "mlp-n32"
+            names, merged, config, made_by = _write_mlp_models(root, 32)
+            x = np.random.default_rng(0).standard_normal((1, IN_DIM)).astype(np.float32)
+            _cells(report, "mlp-6x64", 32, names, merged, config, {"x": x}, [4, 32],
+                   lambda c: 1200, repeats, batching, root, throughput, histograms)
+            report.notes.append(
+                f"mlp-6x64 (tiny model, member run ~0.2 ms, cheaper than a gRPC request): "
+                f"{LAYERS}-layer MLP (in {IN_DIM}, width {WIDTH}, out {OUT_DIM}); merged model: "
+                f"{made_by}.")
         report.plot("throughput", throughput, xlabel="concurrent clients",
                     ylabel="requests / s", title="tfweave serve: throughput (closed loop)",
                     logx=True)
         _latency_histogram(plt, report, histograms)
         report.notes.append(
-            f"Model: {LAYERS}-layer MLP (in {IN_DIM}, width {WIDTH}, out {OUT_DIM}), random "
-            "weights; 1 row per request; batching: " + " ".join(BATCHING.split()) +
-            "; both servers are `tfweave serve` subprocesses on loopback, the load generator "
-            "(grpc.aio, closed loop) shares the same 2 cores.")
-        report.notes.append("ratio = cross-model throughput / per-model throughput; /p99 rows: "
-                            "per-model p99 / cross-model p99 (>= 1 means p99 no worse).")
+            "Batching (identical for both servers): " + " ".join(BATCHING.split()) +
+            "; both servers are `tfweave serve` subprocesses on loopback (embedded backend), "
+            "the load generator (grpc.aio, closed loop, client i -> member i mod N) shares "
+            "the same 2 cores.")
+        report.notes.append("ratio = cross-model throughput / per-model throughput; /p50 and "
+                            "/p99 rows: per-model latency / cross-model latency (>= 1 means "
+                            "cross-model is no worse).")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -343,14 +445,14 @@ def _latency_histogram(plt, report, histograms) -> None:
         return
     fig, axes = plt.subplots(1, len(histograms), figsize=(6 * len(histograms), 4), dpi=110)
     axes = np.atleast_1d(axes)
-    for ax, (n, (lat_c, lat_b, clients)) in zip(axes, sorted(histograms.items())):
+    for ax, (label, (lat_c, lat_b, clients)) in zip(axes, histograms.items()):
         top = max(_percentile(lat_c, 99.5), _percentile(lat_b, 99.5)) * 1e3
         bins = np.linspace(0, top, 60)
         ax.hist(np.asarray(lat_b) * 1e3, bins=bins, alpha=0.6, label="per-model batching")
         ax.hist(np.asarray(lat_c) * 1e3, bins=bins, alpha=0.6, label="cross-model batching")
         ax.set_xlabel("latency (ms)")
         ax.set_ylabel("requests")
-        ax.set_title(f"N={n}, {clients} clients")
+        ax.set_title(f"{label}, {clients} clients")
         ax.legend()
     fig.tight_layout()
     report.results_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,9 @@ request is oldest, forms the batch under the scheduler's lock and runs it outsid
 - ``MergedBatchQueue``: one merged model with one sub-queue per member; a batch takes up to
   ``max_batch_size`` rows from *each* member, feeds them as ``m{i}_<input>``, runs the merged
   graph once and returns every request its own slice. Members with no request get a zero-row
-  input when the merged graph accepts it, otherwise rows of zeros (see ``MergedModel``).
+  input when the merged graph accepts it, otherwise rows of zeros (see ``MergedModel``); a
+  ragged merged model runs only the busy members' rows. A merged queue keeps one run in flight
+  (two once a full batch waits), so requests arriving during a run are batched into the next.
 
 Back-pressure: a queue holds at most ``max_batch_size * max_enqueued_batches`` rows (per
 member for merged queues); a request beyond that fails at once with RESOURCE_EXHAUSTED (REST
@@ -222,6 +224,11 @@ class MergedBatchQueue(_Queue):
         self._tasks = [collections.deque() for _ in range(n)]
         self._rows = [0] * n
         self._waiting = 0
+        # One merged run in flight at a time (a second only once a full batch waits): the
+        # requests that arrive during a run then join the next run together, instead of
+        # another batch thread starting a run of one or two beside it (both runs then share
+        # the cores, and each computes only a sliver of the members).
+        self._in_flight = 0
 
     def submit(self, task: Task) -> Future:
         self._check_size(task)
@@ -236,7 +243,7 @@ class MergedBatchQueue(_Queue):
         return task.future
 
     def oldest(self):
-        if not self._waiting:
+        if not self._waiting or (self.batching and self._in_flight and not self.full()):
             return None
         return min(q[0].enqueued for q in self._tasks if q)
 
@@ -247,6 +254,7 @@ class MergedBatchQueue(_Queue):
         return sum(self._rows)
 
     def take(self):
+        self._in_flight += 1
         per_member: list[list[Task]] = []
         if not self.batching:
             # One request per run: the oldest one; the other members get no rows.
@@ -271,6 +279,14 @@ class MergedBatchQueue(_Queue):
         return per_member
 
     def process(self, per_member: list[list[Task]]) -> None:
+        try:
+            self._process(per_member)
+        finally:
+            with self.scheduler.cv:
+                self._in_flight -= 1
+                self.scheduler.cv.notify()
+
+    def _process(self, per_member: list[list[Task]]) -> None:
         per_member = [_claim(tasks) for tasks in per_member]
         everyone = [t for tasks in per_member for t in tasks]
         if not everyone:
