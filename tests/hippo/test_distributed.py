@@ -141,7 +141,7 @@ def test_a_restarted_chief_reloads_the_study_and_reruns_nothing_finished(
             return set()
         return {n["id"] for n in nodes if n["parent"] and n["status"] == "done"}
 
-    chief = cluster.start("chief", "chief", "--lease", "30")
+    chief = cluster.start("chief", "chief", "--lease", "10")
     workers = [cluster.start("worker", f"tuner{i}", "--marker-dir", cluster.directory,
                              "--sleep", "1") for i in range(2)]
     _wait_for(lambda: len(done_stages()) >= 2, 180, "two stages to finish")
@@ -149,7 +149,7 @@ def test_a_restarted_chief_reloads_the_study_and_reruns_nothing_finished(
     chief.wait(timeout=30)
     done_before = done_stages()
     assert 2 <= len(done_before) < STAGES
-    restarted = cluster.start("chief", "chief", "--resume", "--lease", "30")
+    restarted = cluster.start("chief", "chief", "--resume", "--lease", "10")
     for worker in workers:
         assert cluster.wait(worker, 240) == 0
     assert cluster.wait(restarted, 60) == 0

@@ -42,7 +42,7 @@ class BackoffOracleClient:
     _CALLS = ("create_trial", "update_trial", "end_trial", "get_trial", "get_best_trials",
               "get_space", "update_space")
 
-    def __init__(self, client, min_delay: float = 0.05, max_delay: float = 2.0,
+    def __init__(self, client, min_delay: float = 0.05, max_delay: float = 0.5,
                  retry_seconds: float = 600.0):
         self._client = client
         self.min_delay, self.max_delay, self.retry_seconds = min_delay, max_delay, retry_seconds

@@ -92,6 +92,9 @@ class StageTreeOracle(keras_tuner.Oracle):
         scheduling: "critical_path" (the ready stage with the longest estimated remaining path
             to a leaf first, per-step time estimated online) or "depth_first" (continue from
             the stage just finished).
+        stage_store: a ``tf.io.gfile`` directory shared by studies over the same model, data and
+            search space: stages finished by any of them (before or concurrently) are adopted
+            instead of trained, and this study's stages are published there (warm start).
         lease_seconds: distributed mode: a running stage whose worker has not renewed its lease
             for this long is handed to another worker, from its parent's checkpoint.
     """
@@ -101,7 +104,7 @@ class StageTreeOracle(keras_tuner.Oracle):
                  median_min_trials=3, seed=None, hyperparameters=None, allow_new_entries=True,
                  tune_new_entries=True, max_retries_per_trial=0, max_consecutive_failed_trials=3,
                  checkpoint_dir=None, keep_leaf_checkpoints=True, share_stages=True,
-                 scheduling="critical_path", lease_seconds=60.0):
+                 scheduling="critical_path", lease_seconds=60.0, stage_store=None):
         if scheduling not in ("critical_path", "depth_first"):
             raise ValueError(f"scheduling must be 'critical_path' or 'depth_first', got "
                              f"{scheduling!r}")
@@ -126,6 +129,10 @@ class StageTreeOracle(keras_tuner.Oracle):
         self.share_stages = share_stages
         self.scheduling = scheduling
         self.lease_seconds = float(lease_seconds)
+        self.stage_store = None
+        if stage_store is not None:
+            from tfweave.hippo.stage_store import StageStore
+            self.stage_store = StageStore(stage_store)
         self._leases: dict[str, float] = {}  # running stage trial -> last renewal (monotonic)
         self._tuner_seen: dict[str, float] = {}  # tuner id -> last create_trial (monotonic)
         self._expired: list[str] = []  # stage trials whose lease ran out (late reports ignored)
@@ -138,7 +145,8 @@ class StageTreeOracle(keras_tuner.Oracle):
         self._accounting = {"stages_run": 0, "executed_steps": 0, "executed_epochs": 0,
                             "checkpoint_bytes": 0, "checkpoint_seconds": 0.0,
                             "checkpoints_removed": 0, "checkpoints_unusable": 0,
-                            "stages_lost": 0, "stage_seconds": 0.0}
+                            "stages_lost": 0, "stage_seconds": 0.0, "stages_reused": 0,
+                            "reused_steps": 0}
         self.space_fingerprint = None
 
     # --- paths ----------------------------------------------------------------------------------
@@ -306,9 +314,38 @@ class StageTreeOracle(keras_tuner.Oracle):
             return {"status": trial_module.TrialStatus.STOPPED, "values": None}
         node.status = RUNNING
         self._stage_of_trial[trial_id] = node.id
+        # Wall-clock span of the study's training, for makespan against the critical path.
+        self._accounting.setdefault("first_stage_start", time.time())
         return {"status": trial_module.TrialStatus.RUNNING, "values": self._stage_values(node)}
 
+    def _adopt_stored_stages(self) -> None:
+        """Marks ready stages another study already trained as done, with their results."""
+        if self.stage_store is None:
+            return
+        self.stage_store.check(self.space_fingerprint, self.seed)
+        adopted = True
+        while adopted:
+            adopted = False
+            for node in self.tree.ready():
+                record = self.stage_store.lookup(node.id)
+                if record is None or (record["start"], record["end"]) != (node.start, node.end):
+                    continue
+                node.history = {e: m for e, m in record["history"].items()
+                                if node.start <= e < node.end}
+                node.steps, node.seconds = int(record["steps"]), float(record["seconds"])
+                node.status, node.checkpoint = DONE, record["checkpoint"]
+                self._accounting["stages_reused"] = self._accounting.get("stages_reused", 0) + 1
+                self._accounting["reused_steps"] = \
+                    self._accounting.get("reused_steps", 0) + node.steps
+                for path in self._active_paths():
+                    if path["leaf"] == node.id:
+                        self._reached.append(path["id"])
+                adopted = True
+            if adopted:
+                self._process_reached()
+
     def _next_stage(self):
+        self._adopt_stored_stages()
         ready = self.tree.ready()
         if not ready:
             return None
@@ -347,6 +384,13 @@ class StageTreeOracle(keras_tuner.Oracle):
             own = self.estimated_stage_seconds(node) if node.status in (PENDING, RUNNING) else 0.0
             out[node.id] = own + max(below, default=0.0)
         return out
+
+    def makespan_seconds(self) -> float:
+        """Wall time from the first stage handed out to the last one finished."""
+        acc = self._accounting
+        if "first_stage_start" not in acc or "last_stage_end" not in acc:
+            return 0.0
+        return acc["last_stage_end"] - acc["first_stage_start"]
 
     def critical_path_seconds(self) -> float:
         """The study's critical path in measured seconds: the longest root-to-leaf chain of
@@ -387,6 +431,9 @@ class StageTreeOracle(keras_tuner.Oracle):
         return out
 
     def _checkpoint_path(self, node_id: str) -> str:
+        if self.stage_store is not None:
+            storage.makedirs(self.stage_store.directory)
+            return self.stage_store.checkpoint_path(node_id)
         directory = self.checkpoint_dir or os.path.join(self._project_dir, "hippo_checkpoints")
         storage.makedirs(directory)
         return os.path.join(directory, f"stage_{node_id}.ckpt")
@@ -513,6 +560,9 @@ class StageTreeOracle(keras_tuner.Oracle):
         accounting["checkpoint_seconds"] += float(extras.get(CKPT_SECONDS_METRIC, 0.0))
         accounting["stage_seconds"] = accounting.get("stage_seconds", 0.0) + node.seconds
         self._last_done = node.id
+        accounting["last_stage_end"] = time.time()
+        if self.stage_store is not None and node.checkpoint:
+            self.stage_store.publish(node)
         if self.median_stopping:
             self._median_stop(node)
         for path in self._active_paths():
@@ -575,6 +625,8 @@ class StageTreeOracle(keras_tuner.Oracle):
                     path["status"] in ("completed", "stopped"):
                 needed.add(path["leaf"])
         for node in self.tree.nodes.values():
+            if self.stage_store is not None:
+                break  # published states belong to every study using the store
             if node.checkpoint and node.status == DONE and node.id not in needed:
                 storage.remove(node.checkpoint)
                 node.checkpoint = None

@@ -116,7 +116,8 @@ class StageTreeTuner(keras_tuner.Tuner):
                  seed=None, hyperparameters=None, tune_new_entries=True, allow_new_entries=True,
                  max_retries_per_trial=0, max_consecutive_failed_trials=3, checkpoint_dir=None,
                  keep_leaf_checkpoints=True, share_stages=True, oracle=None, reuse_models=True,
-                 model_pool_size=2, scheduling="critical_path", lease_seconds=60.0, **kwargs):
+                 model_pool_size=2, scheduling="critical_path", lease_seconds=60.0,
+                 stage_store=None, **kwargs):
         if oracle is None:
             oracle = StageTreeOracle(
                 objective=objective, max_trials=max_trials, max_epochs=max_epochs, search=search,
@@ -126,7 +127,8 @@ class StageTreeTuner(keras_tuner.Tuner):
                 max_retries_per_trial=max_retries_per_trial,
                 max_consecutive_failed_trials=max_consecutive_failed_trials,
                 checkpoint_dir=checkpoint_dir, keep_leaf_checkpoints=keep_leaf_checkpoints,
-                share_stages=share_stages, scheduling=scheduling, lease_seconds=lease_seconds)
+                share_stages=share_stages, scheduling=scheduling, lease_seconds=lease_seconds,
+                stage_store=stage_store)
         elif not isinstance(oracle, StageTreeOracle):
             raise TypeError(f"StageTreeTuner needs a hippo.StageTreeOracle, got "
                             f"{type(oracle).__name__}")
@@ -373,6 +375,12 @@ class StageTreeTuner(keras_tuner.Tuner):
     def load_model(self, trial):
         """The model at the trial's best epoch (as KerasTuner's tuners return it)."""
         stage_trial_id = trial.hyperparameters.values.get(META + "best_stage_trial")
+        if stage_trial_id is None and trial.hyperparameters.values.get(META + "final_checkpoint"):
+            # The best epoch was trained by another study (adopted from a stage store): its
+            # best-epoch weights live in that study's directory; the final state is here.
+            LOG.warning("trial %s: best epoch trained by another study; returning the model at "
+                        "the end of its schedule", trial.trial_id)
+            return self.load_final_model(trial)
         if stage_trial_id is None:
             return super().load_model(trial)
         return super().load_model(self.oracle.get_trial(stage_trial_id))
