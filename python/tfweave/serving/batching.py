@@ -284,7 +284,8 @@ class MergedBatchQueue(_Queue):
         finally:
             with self.scheduler.cv:
                 self._in_flight -= 1
-                self.scheduler.cv.notify()
+                if self._waiting:   # they were held back while this run was in flight
+                    self.scheduler.cv.notify()
 
     def _process(self, per_member: list[list[Task]]) -> None:
         per_member = [_claim(tasks) for tasks in per_member]
@@ -359,8 +360,11 @@ class SharedBatchScheduler:
                     if isinstance(found, tuple):
                         break
                     self.cv.wait(timeout=found)
-                # More work may remain (a timeout just expired for another queue).
-                self.cv.notify()
+                # More work may remain (a timeout just expired for another queue): wake another
+                # batch thread only then, not after every batch (a wake-up that finds nothing
+                # costs a GIL round trip per batch).
+                if any(q.oldest() is not None for q in self._queues):
+                    self.cv.notify()
             queue, batch = found
             queue.process(batch)
 
