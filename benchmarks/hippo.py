@@ -204,7 +204,8 @@ def _distributed(report, quick: bool, directory: str) -> None:
                                 second["accounting"].get("stages_reused", 0),
                                 "wall_s": first["makespan_seconds"] +
                                 second["makespan_seconds"]}))
-    report.add(_makespan_row(f"{two} (second study)", second))
+    if second["makespan_seconds"] > 0:
+        report.add(_makespan_row(f"{two} (second study)", second))
     report.notes.append(
         f"{case}: executed {acc['executed_steps']} steps, trial-based {acc['trial_based_steps']}"
         f"; makespan {first['makespan_seconds']:.1f} s, critical path "

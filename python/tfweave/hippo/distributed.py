@@ -109,7 +109,16 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
-def serve_chief(oracle, poll_seconds: float = 0.5) -> None:
+FINISHED_MARKER = "hippo_chief_finished.json"
+
+
+def finished_marker(project_dir: str) -> str:
+    """Written by the chief when the study is over: a worker that starts later exits at once
+    instead of waiting (KerasTuner's client waits up to an hour) for a chief that is gone."""
+    return os.path.join(project_dir, FINISHED_MARKER)
+
+
+def serve_chief(oracle, poll_seconds: float = 0.5, linger_seconds: float = 5.0) -> None:
     """KerasTuner's chief server, plus lease expiry, exiting once the study is over.
 
     Replaces ``keras_tuner.src.distribute.oracle_chief.start_server``, whose loop neither expires
@@ -128,6 +137,9 @@ def serve_chief(oracle, poll_seconds: float = 0.5) -> None:
     if not server.add_insecure_port(address):
         raise RuntimeError(f"the hippo chief cannot listen on {address}: is another chief "
                            f"running there? Set KERASTUNER_ORACLE_PORT to a free port")
+    from tfweave.hippo import storage
+    marker = finished_marker(oracle._project_dir)
+    storage.remove(marker)
     server.start()
     LOG.info("hippo chief serving the oracle on %s", address)
     try:
@@ -136,6 +148,9 @@ def serve_chief(oracle, poll_seconds: float = 0.5) -> None:
             oracle.expire_leases()
             if oracle.study_finished(stop_sent=servicer.stop_triggered):
                 break
+        storage.atomic_write_json(marker, {"finished": time.time()})
+        # Workers that checked the marker just before it appeared still get their STOPPED.
+        time.sleep(linger_seconds)
     finally:
         server.stop(grace=1.0)
     LOG.info("hippo chief: study finished")

@@ -42,7 +42,7 @@ from keras_tuner.src import utils as kt_utils
 from keras_tuner.src.backend import config as kt_config
 from keras_tuner.src.engine import tuner_utils
 
-from tfweave.hippo import checkpoints, distributed
+from tfweave.hippo import checkpoints, distributed, storage
 from tfweave.hippo.epoch_data import EpochData
 from tfweave.hippo.oracle import (CKPT_BYTES_METRIC, CKPT_SECONDS_METRIC, META, SECONDS_METRIC,
                                   STEPS_METRIC, StageTreeOracle, space_fingerprint)
@@ -189,6 +189,10 @@ class StageTreeTuner(keras_tuner.Tuner):
             # The chief trains nothing: it serves the oracle until the study is over.
             self.save()
             distributed.serve_chief(self.oracle)
+            return None
+        if distributed.is_worker() and \
+                storage.exists(distributed.finished_marker(self.project_dir)):
+            LOG.info("the study in %s is already finished; nothing to run", self.project_dir)
             return None
         fit_args, fit_kwargs = self._with_epoch_data(fit_args, fit_kwargs)
         try:
