@@ -95,6 +95,10 @@ class StageTreeOracle(keras_tuner.Oracle):
         stage_store: a ``tf.io.gfile`` directory shared by studies over the same model, data and
             search space: stages finished by any of them (before or concurrently) are adopted
             instead of trained, and this study's stages are published there (warm start).
+        population, round_epochs, quantile: ``scheduler="pbt"``: population-based training of
+            ``population`` members in rounds of ``round_epochs``; after each round the bottom
+            ``quantile`` branch from a top-``quantile`` member's stage with its config perturbed
+            (float values x0.8 or x1.2, drawn from an RNG seeded with ``seed``).
         lease_seconds: distributed mode: a running stage whose worker has not renewed its lease
             for this long is handed to another worker, from its parent's checkpoint.
     """
@@ -104,7 +108,8 @@ class StageTreeOracle(keras_tuner.Oracle):
                  median_min_trials=3, seed=None, hyperparameters=None, allow_new_entries=True,
                  tune_new_entries=True, max_retries_per_trial=0, max_consecutive_failed_trials=3,
                  checkpoint_dir=None, keep_leaf_checkpoints=True, share_stages=True,
-                 scheduling="critical_path", lease_seconds=60.0, stage_store=None):
+                 scheduling="critical_path", lease_seconds=60.0, stage_store=None,
+                 population=4, round_epochs=1, quantile=0.25):
         if scheduling not in ("critical_path", "depth_first"):
             raise ValueError(f"scheduling must be 'critical_path' or 'depth_first', got "
                              f"{scheduling!r}")
@@ -121,6 +126,9 @@ class StageTreeOracle(keras_tuner.Oracle):
             raise ValueError("random search needs max_trials (how many trials to sample)")
         options = {} if scheduler in (None, "full") or not isinstance(scheduler, str) else \
             {"min_epochs": min_epochs, "factor": factor}
+        if scheduler == "pbt":
+            options = {"population": population, "round_epochs": round_epochs,
+                       "quantile": quantile, "seed": self.seed}
         self.scheduler = search_module.make_scheduler(scheduler, **options)
         self.median_stopping = median_stopping
         self.median_min_trials = median_min_trials

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 
 LOG = logging.getLogger("tfweave.hippo")
 
@@ -305,6 +306,117 @@ class Hyperband(SuccessiveHalving):
         return brackets
 
 
+class PopulationBasedTraining(FullBudget):
+    """Population-based training (Jaderberg et al.) as a stage tree.
+
+    The search proposes ``population`` members; they train in synchronous rounds of
+    ``round_epochs``. After a round, each member in the bottom ``quantile`` *exploits* a member
+    drawn from the top ``quantile``: its path becomes the better member's path up to the round's
+    end (so its next stage's parent is the better member's stage, trained once and shared), and
+    *explores*: the next stage's configuration is the better member's, each float value
+    multiplied by a factor drawn from ``factors``. Draws come from an RNG seeded with ``seed``
+    and the round number, so a study is deterministic and resumes identically.
+    """
+
+    name = "pbt"
+
+    def __init__(self, population: int = 4, round_epochs: int = 1, quantile: float = 0.25,
+                 factors=(0.8, 1.2), seed: int = 0):
+        if population < 2:
+            raise ValueError(f"PBT needs population >= 2, got {population}")
+        if round_epochs < 1:
+            raise ValueError(f"PBT needs round_epochs >= 1, got {round_epochs}")
+        if not 0.0 < quantile <= 0.5:
+            raise ValueError(f"PBT needs 0 < quantile <= 0.5, got {quantile}")
+        self.population, self.round_epochs, self.quantile = population, round_epochs, quantile
+        self.factors, self.seed = tuple(factors), int(seed)
+        self.rounds_done = 0
+        self.events = []  # {"round", "epoch", "member", "from", "config"} per exploit
+
+    def wants_path(self, oracle) -> bool:
+        return len(oracle.paths) < self.population
+
+    def assign(self, oracle, path) -> int:
+        path["rung"] = 0
+        return min(self.round_epochs, oracle.max_epochs)
+
+    def on_reached(self, oracle, path) -> None:
+        path["waiting"] = True
+        self._decide(oracle)
+
+    def on_path_end(self, oracle, path) -> None:
+        self._decide(oracle)
+
+    def finalize(self, oracle) -> None:
+        self._decide(oracle)
+
+    def _decide(self, oracle) -> None:
+        members = [p for p in oracle.paths.values() if p["status"] == "pending"]
+        if not members or len(oracle.paths) < self.population and not oracle._search_closed():
+            return  # the population is not complete yet
+        if not all(p.get("waiting") for p in members):
+            return  # a round is decided once every live member has reached its end
+        epoch = members[0]["target"]
+        for p in members:
+            p["waiting"] = False
+        if epoch >= oracle.max_epochs:
+            for p in members:
+                oracle._finish_path(p, "completed")
+            return
+        direction_max = oracle.objective.direction == "max"
+        # Rank by the last epoch's objective: PBT compares members as they are now.
+        sign = -1.0 if direction_max else 1.0  # best first, ties by trial id
+        ranked = sorted(members, key=lambda p: (sign * self._current(oracle, p, epoch), p["id"]))
+        count = max(1, int(len(ranked) * self.quantile))
+        top, bottom = ranked[:count], ranked[-count:] if len(ranked) >= 2 * count else []
+        rng = random.Random(self.seed * 1_000_003 + self.rounds_done)
+        for loser in bottom:
+            winner = rng.choice(top)
+            config = dict(self._config_at(winner, epoch))
+            for name in sorted(config):
+                if isinstance(config[name], float):
+                    config[name] = config[name] * rng.choice(self.factors)
+            loser.setdefault("initial_values", dict(loser["values"]))  # what it started as
+            loser["constants"] = dict(winner["constants"])
+            loser["values"] = dict(winner["values"])
+            loser["segments"] = [(c, s, min(e, epoch)) for c, s, e in winner["segments"]
+                                 if s < epoch] + [(config, epoch, oracle.max_epochs)]
+            self.events.append({"round": self.rounds_done, "epoch": epoch, "member": loser["id"],
+                                "from": winner["id"], "from_stage": winner["leaf"],
+                                "config": config})
+            LOG.info("PBT round %d: trial %s exploits %s at epoch %d, explores %s",
+                     self.rounds_done, loser["id"], winner["id"], epoch, config)
+        self.rounds_done += 1
+        target = min(epoch + self.round_epochs, oracle.max_epochs)
+        for p in members:
+            p["rung"] += 1
+            oracle._extend_path(p, target)
+
+    @staticmethod
+    def _current(oracle, path, epoch):
+        history = oracle.tree.history_along(path["leaf"])
+        try:
+            value = oracle.objective.get_value(history[epoch - 1])
+        except (KeyError, TypeError):
+            value = None
+        if value is None or value != value:
+            return float("-inf") if oracle.objective.direction == "max" else float("inf")
+        return value
+
+    @staticmethod
+    def _config_at(path, epoch):
+        for config, start, end in path["segments"]:
+            if start <= epoch - 1 < end:
+                return config
+        return path["segments"][-1][0]
+
+    def get_state(self) -> dict:
+        return {"rounds_done": self.rounds_done, "events": self.events}
+
+    def set_state(self, state: dict) -> None:
+        self.rounds_done, self.events = state["rounds_done"], state["events"]
+
+
 def make_scheduler(scheduler, **options):
     if scheduler is None or scheduler == "full":
         return FullBudget()
@@ -316,5 +428,7 @@ def make_scheduler(scheduler, **options):
         return SuccessiveHalving(asynchronous=True, **options)
     if scheduler == "hyperband":
         return Hyperband(**options)
-    raise ValueError(f"unknown scheduler {scheduler!r}: use None, 'sha', 'asha', 'hyperband' or "
-                     f"an instance")
+    if scheduler == "pbt":
+        return PopulationBasedTraining(**options)
+    raise ValueError(f"unknown scheduler {scheduler!r}: use None, 'sha', 'asha', 'hyperband', "
+                     f"'pbt' or an instance")

@@ -117,7 +117,7 @@ class StageTreeTuner(keras_tuner.Tuner):
                  max_retries_per_trial=0, max_consecutive_failed_trials=3, checkpoint_dir=None,
                  keep_leaf_checkpoints=True, share_stages=True, oracle=None, reuse_models=True,
                  model_pool_size=2, scheduling="critical_path", lease_seconds=60.0,
-                 stage_store=None, **kwargs):
+                 stage_store=None, population=4, round_epochs=1, quantile=0.25, **kwargs):
         if oracle is None:
             oracle = StageTreeOracle(
                 objective=objective, max_trials=max_trials, max_epochs=max_epochs, search=search,
@@ -128,7 +128,8 @@ class StageTreeTuner(keras_tuner.Tuner):
                 max_consecutive_failed_trials=max_consecutive_failed_trials,
                 checkpoint_dir=checkpoint_dir, keep_leaf_checkpoints=keep_leaf_checkpoints,
                 share_stages=share_stages, scheduling=scheduling, lease_seconds=lease_seconds,
-                stage_store=stage_store)
+                stage_store=stage_store, population=population, round_epochs=round_epochs,
+                quantile=quantile)
         elif not isinstance(oracle, StageTreeOracle):
             raise TypeError(f"StageTreeTuner needs a hippo.StageTreeOracle, got "
                             f"{type(oracle).__name__}")
