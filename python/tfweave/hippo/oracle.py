@@ -517,7 +517,14 @@ class StageTreeOracle(keras_tuner.Oracle):
                 checkpoints.UNUSABLE_TAG in message:
             self._parent_state_unusable(trial, node_id)
         else:
-            super().end_trial(trial)
+            # KerasTuner's end_trial saves the oracle with the stage trial ended but the tree not
+            # yet updated; the one save below (before this returns to the worker) covers both,
+            # so a crash in between leaves the previous consistent state and the report repeats.
+            self._saving_deferred = True
+            try:
+                super().end_trial(trial)
+            finally:
+                self._saving_deferred = False
             stored = self.trials[trial.trial_id]
             if node_id is not None and stored.status == trial_module.TrialStatus.COMPLETED:
                 self._stage_done(self.tree.nodes[node_id], stored)
@@ -725,6 +732,8 @@ class StageTreeOracle(keras_tuner.Oracle):
                              if p["status"] != "pending"}
 
     def save(self):
+        if getattr(self, "_saving_deferred", False):
+            return
         # KerasTuner writes oracle.json in place; a crash mid-write would lose the study.
         storage.atomic_write_json(self._get_oracle_fname(), self.get_state())
         storage.atomic_write_json(os.path.join(self._project_dir, "stage_tree.json"),
