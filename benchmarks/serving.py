@@ -19,7 +19,6 @@ loopback only.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
@@ -76,39 +75,6 @@ def _write_member(path: str, weights) -> None:
 
     module = Member()
     tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
-
-
-def _write_stacked_merged(path: str, all_weights, names, sources) -> None:
-    """The merged model in NetFuse's stacked form (one [N, B, ...] input; MatMul lifted to
-    BatchMatMulV2 over stacked weights), written directly from the members' weights."""
-    import tensorflow as tf
-
-    n = len(all_weights)
-
-    class Stacked(tf.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = [tf.Variable(np.stack([m[l][0] for m in all_weights]))
-                      for l in range(LAYERS)]
-            self.b = [tf.Variable(np.stack([m[l][1] for m in all_weights])[:, None])
-                      for l in range(LAYERS)]
-
-        @tf.function(input_signature=[tf.TensorSpec([n, None, IN_DIM], tf.float32, name="x")])
-        def serve(self, x):
-            h = x
-            for l in range(LAYERS):
-                h = tf.matmul(h, self.w[l]) + self.b[l]
-                if l < LAYERS - 1:
-                    h = tf.nn.relu(h)
-            return {"probs": tf.nn.softmax(h)}
-
-    module = Stacked()
-    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
-    os.makedirs(os.path.join(path, "assets"), exist_ok=True)
-    with open(os.path.join(path, "assets", "netfuse.json"), "w") as f:
-        json.dump({"format": 1, "stacked": True,
-                   "members": [{"name": nm, "source": src, "index": i}
-                               for i, (nm, src) in enumerate(zip(names, sources))]}, f)
 
 
 def _free_port() -> int:
@@ -228,11 +194,12 @@ def _unmerged_config(path: Path, names: list[str], member_root: Path) -> Path:
     return path
 
 
-def _write_mlp_models(root: Path, n: int) -> tuple[list[str], Path, Path, str]:
+def _write_mlp_models(root: Path, n: int) -> tuple[list[str], Path, Path]:
     """N member MLP SavedModels, their merged model, and a config serving them unmerged.
 
-    The merged model is ``netfuse.merge(..., stacked=True)`` when that works, else the same
-    stacked form written directly (returned: which one was used)."""
+    The merged model is ``netfuse.merge(..., stacked=True)``."""
+    from tfweave import netfuse
+
     names = [f"m{i:02d}" for i in range(n)]
     weights = [_member_weights(i) for i in range(n)]
     member_dirs = []
@@ -241,18 +208,9 @@ def _write_mlp_models(root: Path, n: int) -> tuple[list[str], Path, Path, str]:
         _write_member(str(path), w)
         member_dirs.append(str(path))
     merged = root / "merged"
-    made_by = "netfuse.merge(stacked=True)"
-    try:
-        from tfweave import netfuse
-        netfuse.merge(member_dirs, str(merged / "1"), names=names, stacked=True)
-    except Exception as error:  # the benchmark measures serving, not the merge pass
-        LOG.warning("netfuse.merge(stacked=True) failed (%r); writing the stacked merged "
-                    "model directly", error)
-        shutil.rmtree(merged, ignore_errors=True)
-        _write_stacked_merged(str(merged / "1"), weights, names, member_dirs)
-        made_by = "stacked merged model written directly (netfuse.merge failed)"
+    netfuse.merge(member_dirs, str(merged / "1"), names=names, stacked=True)
     config = _unmerged_config(root / "unmerged.config", names, root / "members")
-    return names, merged, config, made_by
+    return names, merged, config
 
 
 def _export_encoders(root: Path, n: int) -> list[str]:
@@ -416,14 +374,14 @@ def run(report, quick: bool) -> None:
             "1 request = 1 row of 8 tokens.")
         if not quick:
             root = work / "mlp-n32"
-            names, merged, config, made_by = _write_mlp_models(root, 32)
+            names, merged, config = _write_mlp_models(root, 32)
             x = np.random.default_rng(0).standard_normal((1, IN_DIM)).astype(np.float32)
             _cells(report, "mlp-6x64", 32, names, merged, config, {"x": x}, [4, 32],
                    lambda c: 1200, repeats, batching, root, throughput, histograms)
             report.notes.append(
                 f"mlp-6x64 (tiny model, member run ~0.2 ms, cheaper than a gRPC request): "
                 f"{LAYERS}-layer MLP (in {IN_DIM}, width {WIDTH}, out {OUT_DIM}); merged model: "
-                f"{made_by}.")
+                "netfuse.merge(stacked=True).")
         report.plot("throughput", throughput, xlabel="concurrent clients",
                     ylabel="requests / s", title="tfweave serve: throughput (closed loop)",
                     logx=True)

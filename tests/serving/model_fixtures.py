@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -145,23 +143,16 @@ def write_handmade_stacked(path: str, all_weights, names, sources) -> str:
     return path
 
 
-def netfuse_merge():
-    """``tfweave.netfuse.merge`` when the NetFuse part is built, else None."""
-    try:
-        from tfweave import netfuse
-    except ImportError:
-        return None
-    return getattr(netfuse, "merge", None)
-
-
 def build_model_zoo(root: str, n: int = 3, seed: int = 0) -> dict:
-    """Writes the members (ordinary models in version dirs) and two merged models of them.
+    """Writes the members (ordinary models in version dirs) and merged models of them.
 
-    ``merged``: made by ``tfweave.netfuse.merge`` (the real merge pass) when it exists, else
-    written by hand; members are named ``member{i}``. ``contract_merged``: always written by
-    hand from the CONTRACT, members named ``contract{i}``, so the server is checked against
-    the contract itself as well as against whatever the merge pass currently emits.
+    ``merged``: made by ``tfweave.netfuse.merge`` (the real merge pass), members named
+    ``member{i}``. ``contract_merged`` and ``stacked_merged``: written by hand from the CONTRACT,
+    so the server is checked against the contract itself as well as against what the merge pass
+    emits.
     """
+    from tfweave import netfuse
+
     names = [f"member{i}" for i in range(n)]
     weights = [member_weights(seed + i) for i in range(n)]
     members = {}
@@ -170,20 +161,7 @@ def build_model_zoo(root: str, n: int = 3, seed: int = 0) -> dict:
         write_member(os.path.join(members[name], "1"), w)
     sources = [os.path.join(members[nm], "1") for nm in names]
     merged = os.path.join(root, "merged")
-    merge = netfuse_merge()
-    merged_by = "hand"
-    if merge is not None:
-        try:
-            merge(sources, os.path.join(merged, "1"), names=names)
-            merged_by = "netfuse.merge"
-        except Exception as error:
-            # The merge pass is tested by tests/netfuse; here it only supplies a model. While
-            # it is broken the serving tests still run, on the hand-written CONTRACT model.
-            warnings.warn(f"netfuse.merge failed ({error!r}); serving tests use the "
-                          "hand-written merged model")
-            shutil.rmtree(merged, ignore_errors=True)
-    if merged_by == "hand":
-        write_handmade_merged(os.path.join(merged, "1"), weights, names, sources)
+    netfuse.merge(sources, os.path.join(merged, "1"), names=names)
     contract = os.path.join(root, "contract_merged")
     contract_names = [f"contract{i}" for i in range(n)]
     write_handmade_merged(os.path.join(contract, "1"), weights, contract_names, sources)
@@ -194,7 +172,6 @@ def build_model_zoo(root: str, n: int = 3, seed: int = 0) -> dict:
     references.update({c: members[m] for c, m in zip(contract_names, names)})
     references.update({c: members[m] for c, m in zip(stacked_names, names)})
     return {"names": names, "weights": weights, "members": members, "merged": merged,
-            "merged_by": merged_by,
             "contract_merged": contract, "contract_names": contract_names,
             "stacked_merged": stacked, "stacked_names": stacked_names,
             "references": references}
