@@ -151,3 +151,77 @@ def test_gradient_agrees_with_finite_differences():
     theoretical, numerical = tf.test.compute_gradient(
         lambda x: squash(x, tf.constant(4)), [x], delta=1e-3)
     np.testing.assert_allclose(theoretical[0], numerical[0], atol=2e-3)
+
+
+# A tree over flattened arrays (children -1 at leaves): leaves look a token up in a table, parents
+# mix their children with a dense weight. The table's gradient is sparse, the weight's dense.
+TABLE = tf.Variable(tf.random.stateless_normal([50, 4], seed=[1, 2]))
+MIX = tf.Variable(tf.random.stateless_normal([8, 4], seed=[3, 4]))
+IDS = tf.TensorSpec([None], tf.int32)
+ROW = tf.TensorSpec([1, 4], tf.float32)
+
+
+@recursion.function(input_signature=[INT, IDS, IDS, IDS], output_signature=ROW)
+def embed_tree(n, left, right, token):
+    return tf.cond(left[n] < 0,
+                   lambda: tf.reshape(tf.gather(TABLE, token[n]), [1, 4]),
+                   lambda: tf.tanh(tf.matmul(tf.concat([embed_tree(left[n], left, right, token),
+                                                        embed_tree(right[n], left, right, token)],
+                                                       1), MIX)))
+
+
+def _embed_tree(n, left, right, token):
+    if left[n] < 0:
+        return tf.reshape(tf.gather(TABLE, token[n]), [1, 4])
+    both = tf.concat([_embed_tree(left[n], left, right, token),
+                      _embed_tree(right[n], left, right, token)], 1)
+    return tf.tanh(tf.matmul(both, MIX))
+
+
+# ((t7 t3) (t7 (t41 t0))): 5 leaves, token 7 twice.
+_LEFT, _RIGHT = [1, 3, 5, -1, -1, -1, 7, -1, -1], [2, 4, 6, -1, -1, -1, 8, -1, -1]
+_TOKEN = [0, 0, 0, 7, 3, 7, 0, 41, 0]
+
+
+def _tree_grads(fn):
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(fn(0, _LEFT, _RIGHT, _TOKEN) * [[1.0, -2.0, 0.5, 3.0]])
+    return tape.gradient(loss, [TABLE, MIX])
+
+
+def test_gathered_table_gets_indexed_slices_with_one_row_per_leaf_lookup():
+    table_grad, mix_grad = _tree_grads(lambda *a: embed_tree(*[tf.constant(v) for v in a]))
+    want_table, want_mix = _tree_grads(_embed_tree)
+    # As under tf.function: rows for the looked-up tokens only, never a table-sized gradient
+    # per node (which would make every level of the backward recursion cost the whole table).
+    assert isinstance(table_grad, tf.IndexedSlices)
+    assert table_grad.values.shape[0] == 5
+    assert sorted(table_grad.indices.numpy().tolist()) == [0, 3, 7, 7, 41]
+    np.testing.assert_allclose(tf.convert_to_tensor(table_grad).numpy(),
+                               tf.convert_to_tensor(want_table).numpy(), atol=1e-6)
+    assert not isinstance(mix_grad, tf.IndexedSlices)
+    np.testing.assert_allclose(mix_grad.numpy(), want_mix.numpy(), atol=1e-6)
+
+
+def test_sparse_table_gradient_inside_tf_function_and_through_an_optimizer():
+    start = TABLE.numpy()
+    want_table, _ = _tree_grads(_embed_tree)
+    optimizer = tf.keras.optimizers.SGD(0.1)
+    optimizer.build([TABLE])
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(embed_tree(tf.constant(0), tf.constant(_LEFT),
+                                            tf.constant(_RIGHT), tf.constant(_TOKEN))
+                                 * [[1.0, -2.0, 0.5, 3.0]])
+        grads = tape.gradient(loss, [TABLE])
+        assert isinstance(grads[0], tf.IndexedSlices)  # (checked while tracing)
+        optimizer.apply_gradients(zip(grads, [TABLE]))
+
+    try:
+        step()
+        np.testing.assert_allclose(TABLE.numpy(), start - 0.1 * tf.convert_to_tensor(
+            want_table).numpy(), atol=1e-6)
+    finally:
+        TABLE.assign(start)

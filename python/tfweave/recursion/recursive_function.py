@@ -17,6 +17,12 @@ its own forward/backward pairs; the gradient of each inner self-call is a call o
 function on that call's residual handle. Every forward value the backward graph reads is packed
 into the forward function's residual handle, so the backward recursion reads what the forward
 recursion computed, level by level, and nothing is recomputed.
+
+Sparse gradients stay sparse. A variable the body only gathers from (an embedding table) gets an
+``IndexedSlices`` gradient, as it does under ``tf.function``: the backward function returns its
+values and row indices as two outputs, a caller concatenates its callees' rows with its own, and
+the outermost call hands the tape an ``IndexedSlices``. Densifying instead would add a whole
+table-sized gradient at every node of the recursion.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ class _BodyTrace:
     key: str
     forward: bool                 # self-calls also return a residual handle
     captured: list                # internal placeholders of the captures known before tracing
+    externals: list               # the values they capture
+    graph: Any = None             # the body's FuncGraph
     self_call_ops: list = field(default_factory=list)
 
 
@@ -86,7 +94,10 @@ class _GradientFunctions:
         self.forward_key = forward_key
         self.backward_key = backward_key
         self.differentiable: list[int] = []   # forward input positions that get gradients
-        self.backward_types: list = []        # their gradient dtypes
+        self.backward_types: list = []        # the backward function's output dtypes
+        # Positions whose gradient is returned as IndexedSlices rows (values, int64 indices),
+        # with the dense shape of the variable they index.
+        self.sparse: dict[int, list] = {}
         self.forward: _TracedFunction | None = None
         self.backward: _TracedFunction | None = None
 
@@ -223,8 +234,15 @@ class RecursiveFunction:
         output_types = [s.dtype for s in self._flat_outputs]
         if trace.forward:
             output_types.append(tf.variant)
+        # Inside the body itself these are its capture placeholders. Inside a tf.cond branch of
+        # the body, passing the outer values makes the branch capture each variable once, under
+        # the same key as the branch's own reads of it: passing the placeholders would give the
+        # cond a second input for the same variable, whose gradient the other branch (which
+        # does not use it) fills with table-sized zeros.
+        captures = list(trace.captured) if ops.get_default_graph() is trace.graph else \
+            list(trace.externals)
         results = invoke_ops.invoke_by_key(
-            trace.key, flat_args + list(trace.captured), output_types,
+            trace.key, flat_args + captures, output_types,
             output_shapes=[s.shape for s in self._flat_outputs], max_depth=self.max_depth)
         trace.self_call_ops.append(results[0].op if results else None)
         return nest.pack_sequence_as(self.output_signature, results[:len(self._flat_outputs)])
@@ -284,7 +302,7 @@ class RecursiveFunction:
                 for i, spec in enumerate(self.input_signature)]
             graph.inputs = list(placeholders)
             captured = [graph.capture(value) for value in known_captures]
-            trace = _BodyTrace(self, key, forward, captured)
+            trace = _BodyTrace(self, key, forward, captured, list(known_captures), graph)
             _active_traces().append(trace)
             try:
                 structured = self.python_function(*placeholders)
@@ -337,12 +355,41 @@ class RecursiveFunction:
     # -- gradients -------------------------------------------------------------------------
     def _build_gradient_functions(self, gradients: _GradientFunctions,
                                   known_captures: list) -> None:
+        # Which variables get sparse gradients shows only once the backward graph exists, and
+        # the backward body's own self-calls must already return them in that form: trace with
+        # every variable of known shape sparse, keep those whose gradient did come out as
+        # IndexedSlices, and trace again (a fresh forward graph too) if that changed the set.
+        sparse = None
+        for _ in range(_MAX_TRACES):
+            forward_graph, backward_graph, found, candidates = self._trace_gradient_pair(
+                gradients, known_captures, sparse)
+            if found == set(gradients.sparse):
+                break
+            sparse = found & candidates
+        else:
+            raise RecursionDefinitionError(
+                f"{self.name}: which of its variables get sparse gradients does not settle")
+        forward_key, backward_key = gradients.forward_key, gradients.backward_key
+        forward_atomic = atomic_function.from_func_graph(
+            forward_key, forward_graph, {invoke_ops.ORIGINAL_NAME_ATTR: forward_key})
+        backward_atomic = atomic_function.from_func_graph(
+            backward_key, backward_graph, {invoke_ops.ORIGINAL_NAME_ATTR: backward_key})
+        gradients.forward = _TracedFunction(forward_atomic, forward_graph,
+                                            list(forward_graph.external_captures),
+                                            _watched_variables(forward_graph))
+        gradients.backward = _TracedFunction(backward_atomic, backward_graph, [], [])
+
+    def _trace_gradient_pair(self, gradients: _GradientFunctions, known_captures: list,
+                             sparse: set | None):
+        """Traces the forward and backward functions, with ``sparse`` positions (None: every
+        variable of known shape) returning IndexedSlices rows; returns both graphs, the
+        positions whose gradient came out sparse, and the candidate positions."""
         forward_key, backward_key = gradients.forward_key, gradients.backward_key
         forward_graph, _ = self._trace(forward_key, forward=True, known_captures=known_captures)
         forward_graph.inputs = (forward_graph.inputs[:len(self.input_signature)]
                                 + list(forward_graph.internal_captures))
         inputs = list(forward_graph.inputs)
-        differentiable, gradient_types = [], []
+        differentiable, gradient_types, candidates = [], [], {}
         for i, tensor in enumerate(inputs):
             if tensor.dtype == tf.variant or not backprop_util.IsTrainable(tensor):
                 continue
@@ -351,10 +398,22 @@ class RecursiveFunction:
                 continue  # an integer variable, or a resource without variable handle data
             differentiable.append(i)
             gradient_types.append(gradient_type)
+            if tensor.dtype == tf.resource:
+                shape, _ = default_gradient.shape_and_dtype(tensor)
+                if shape.rank and shape.is_fully_defined():
+                    candidates[i] = shape.as_list()
+        if sparse is None:
+            sparse = set(candidates)
+        gradients.differentiable = differentiable
+        gradients.sparse = {i: candidates[i] for i in sorted(sparse)}
+        gradients.backward_types = []
+        for i, gradient_type in zip(differentiable, gradient_types):
+            gradients.backward_types += [gradient_type, tf.int64] if i in sparse else \
+                [gradient_type]
         user_outputs = list(forward_graph.outputs)
 
-        gradients.differentiable, gradients.backward_types = differentiable, gradient_types
         backward_graph = func_graph_module.FuncGraph(backward_key)
+        found = set()
         with backward_graph.as_default():
             output_grads = []
             for y in user_outputs:
@@ -365,7 +424,12 @@ class RecursiveFunction:
                 user_outputs, [inputs[i] for i in differentiable], grad_ys=output_grads,
                 src_graph=forward_graph)
             results = []
-            for i, grad in zip(differentiable, input_grads):
+            for i, grad, gradient_type in zip(differentiable, input_grads, gradient_types):
+                if isinstance(grad, indexed_slices.IndexedSlices):
+                    found.add(i)
+                if i in sparse:
+                    results += _as_rows(grad, candidates[i], gradient_type)
+                    continue
                 if grad is None:
                     grad = default_gradient.zeros_like(inputs[i])
                 elif isinstance(grad, indexed_slices.IndexedSlices):
@@ -393,15 +457,7 @@ class RecursiveFunction:
         backward_graph.outputs = results
         with forward_graph.as_default():
             forward_graph.outputs = user_outputs + [invoke_ops.pack_residuals(residuals)]
-
-        forward_atomic = atomic_function.from_func_graph(
-            forward_key, forward_graph, {invoke_ops.ORIGINAL_NAME_ATTR: forward_key})
-        backward_atomic = atomic_function.from_func_graph(
-            backward_key, backward_graph, {invoke_ops.ORIGINAL_NAME_ATTR: backward_key})
-        gradients.forward = _TracedFunction(forward_atomic, forward_graph,
-                                            list(forward_graph.external_captures),
-                                            _watched_variables(forward_graph))
-        gradients.backward = _TracedFunction(backward_atomic, backward_graph, [], [])
+        return forward_graph, backward_graph, found & set(candidates), set(candidates)
 
     def _call_gradient(self, gradients: _GradientFunctions, op, grads) -> list:
         """The gradient of one call of the forward function: a call of the backward function."""
@@ -427,9 +483,29 @@ class RecursiveFunction:
                 gradients.backward.name, output_grads + [residual_handle],
                 gradients.backward_types, max_depth=self.max_depth)
         result = [None] * len(op.inputs)
-        for position, grad in zip(gradients.differentiable, input_grads):
+        flat = iter(input_grads)
+        for position in gradients.differentiable:
+            grad = next(flat)
+            dense_shape = gradients.sparse.get(position)
+            if dense_shape is not None:
+                values, indices = grad, next(flat)
+                values.set_shape([None] + dense_shape[1:])
+                # int32, as the gradient of a gather on a variable has it: a tf.cond in the
+                # body merges this with such a gradient and needs the same composite type.
+                grad = indexed_slices.IndexedSlices(
+                    values, indices, tf.constant(dense_shape, tf.int32))
             result[position] = grad
         return result
+
+
+def _as_rows(grad, dense_shape: list, dtype) -> list:
+    """A gradient as IndexedSlices rows ``[values, int64 indices]`` of a ``dense_shape`` table."""
+    if grad is None:  # no contribution: no rows
+        return [array_ops.zeros([0] + dense_shape[1:], dtype), array_ops.zeros([0], tf.int64)]
+    if isinstance(grad, indexed_slices.IndexedSlices):
+        return [array_ops.identity(grad.values), tf.cast(grad.indices, tf.int64)]
+    # A dense gradient (the set is settled by retracing, so only while it settles): every row.
+    return [array_ops.identity(grad), tf.range(dense_shape[0], dtype=tf.int64)]
 
 
 def _reroute(old, new) -> None:
