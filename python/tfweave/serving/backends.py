@@ -102,17 +102,36 @@ class SessionModel(LoadedModel):
                 if fn is None:
                     if len(self._callables) >= 256:  # e.g. many output_filter combinations
                         self._callables.clear()
-                    fn = self._session.make_callable(
-                        [signature.outputs[k].name for k in output_keys],
-                        [signature.inputs[k].name for k in input_keys])
+                    fn = self._make_callable([signature.inputs[k].name for k in input_keys],
+                                             [signature.outputs[k].name for k in output_keys])
                     self._callables[key] = fn
         return fn
+
+    def _make_callable(self, feed_names, fetch_names):
+        # Session.make_callable with a feed list falls back to a full Session.run per call
+        # (feed dict, fetch handler, graph extension: ~0.1 ms of Python under the GIL); a
+        # CallableOptions handle goes straight to DirectSession::RunCallable.
+        from tensorflow.core.protobuf import config_pb2
+
+        make = getattr(self._session, "_make_callable_from_options", None)
+        if make is None:  # a TensorFlow without the (private) fast path: the public one
+            fn = self._session.make_callable(fetch_names, feed_names)
+            return lambda *args: fn(*args)
+        handle = make(config_pb2.CallableOptions(feed=feed_names, fetch=fetch_names))
+        dtypes = [self._graph.get_tensor_by_name(name).dtype.as_numpy_dtype
+                  for name in feed_names]
+
+        def run(*args):
+            # RunCallable takes arrays of exactly the feed's dtype (Session.run converted them).
+            return handle(*[a if a.dtype == d else np.asarray(a, dtype=d)
+                            for a, d in zip(args, dtypes)])
+        return run
 
     def run(self, signature_name, feeds, output_keys):
         input_keys = tuple(sorted(feeds))
         try:
             fn = self._callable(signature_name, input_keys, tuple(output_keys))
-            values = fn(*[feeds[k] for k in input_keys])
+            values = fn(*[np.asarray(feeds[k]) for k in input_keys])
         except self._op_error as error:
             raise ServingError(_CODE_NAMES[error.error_code] if 0 < error.error_code < 17
                                else "UNKNOWN", error.message) from None
