@@ -113,12 +113,14 @@ class Lifter:
     """Emits the lifted graph into the current (function) graph."""
 
     def __init__(self, num_models: int, store: WeightStore, use_channels: bool = True,
-                 conv_strategy: str = "grouped"):
+                 conv_strategy: str = "grouped", grouped_matmul: bool = False):
         if conv_strategy not in CONV_STRATEGIES:
             raise ValueError(f"conv_strategy must be one of {CONV_STRATEGIES}, "
                              f"not {conv_strategy!r}")
         self.n = num_models
         self.store = store
+        # Projections by per-model weights run as tfweave's GroupedMatMul (mode="grouped").
+        self.grouped_matmul = grouped_matmul
         self.use_channels = use_channels and conv_strategy == "grouped"
         self.conv_strategy = conv_strategy
 
@@ -454,12 +456,53 @@ def _to_plain_matmul_attrs(node):
     return {k: v for k, v in node.attr.items() if k in ("T",)}
 
 
+def _grouped_projection(lx: Lifter, x: Value, w: Value, contracted: int, w_transposed: bool):
+    """Per-model ``x`` ``[..., K]`` times per-model constant ``w`` as one GroupedMatMul.
+
+    ``w`` is one member's ``[K..., M...]`` (``contracted`` leading axes of K) or, when
+    ``w_transposed``, a MatMul ``transpose_b`` kernel ``[M, K]``. The merged weight is stored
+    ``[N, M, K]``: GroupedMatMul then reads each member's weights front to back (its dot-product
+    form), the fastest layout at the few rows per member a merged batch-1 run has. Members have
+    equal row counts here (the stacked layout), so the group sizes are N equal parts.
+    """
+    import tensorflow as tf
+    from tfweave.ops.grouped_matmul import grouped_matmul
+    w_shape = lx.shape(w)
+    if w_transposed:
+        m, k = w_shape
+        weight = lx.weight(w, "grouped_mk", lambda a: a)
+        m_shape = [m]
+    else:
+        k = int(np.prod(w_shape[:contracted]))
+        m = int(np.prod(w_shape[contracted:]))
+        weight = lx.weight(w, f"grouped_mk{contracted}", lambda a: np.ascontiguousarray(
+            a.reshape(a.shape[0], k, m).transpose(0, 2, 1)))
+        m_shape = list(w_shape[contracted:])
+    xt = lx.stacked(x)
+    x_static = _static(xt.shape)
+    shape = tf.shape(xt)
+    free = shape[:tf.size(shape) - contracted]
+    rows = tf.reshape(xt, tf.stack([-1, k]))
+    sizes = tf.fill([lx.n], tf.shape(rows)[0] // lx.n)
+    out = grouped_matmul(rows, weight, sizes, transpose_w=True)
+    out = tf.reshape(out, tf.concat([free, tf.constant(m_shape, tf.int32)], 0))
+    out.set_shape(x_static[:len(x_static) - contracted] + m_shape)
+    return [Value(STACKED, out)]
+
+
+def _grouped_candidate(lx: Lifter, x: Value, w: Value) -> bool:
+    return lx.grouped_matmul and x.per_model and x.kind != MODEL_CONST and \
+        w.kind == MODEL_CONST
+
+
 @rule("MatMul")
 def _matmul(lx, node, ins):
     import tensorflow as tf
     a, b = ins
     ta = node.attr["transpose_a"].b if "transpose_a" in node.attr else False
     tb = node.attr["transpose_b"].b if "transpose_b" in node.attr else False
+    if not ta and _grouped_candidate(lx, a, b):
+        return _grouped_projection(lx, a, b, 1, w_transposed=tb)
     args = [lx.stacked(v) if v.per_model else lx.shared(v) for v in (a, b)]
     out = tf.raw_ops.BatchMatMulV2(x=args[0], y=args[1], adj_x=ta, adj_y=tb)
     return [Value(STACKED, out)]
@@ -470,6 +513,10 @@ def _batch_matmul(lx, node, ins):
     import tensorflow as tf
     a, b = ins
     adj_x = node.attr["adj_x"].b if "adj_x" in node.attr else False
+    if (not adj_x and lx.rank(b, node) == 2 and node.op != "BatchMatMulV3"
+            and _grouped_candidate(lx, a, b)):
+        adj_y = node.attr["adj_y"].b if "adj_y" in node.attr else False
+        return _grouped_projection(lx, a, b, 1, w_transposed=adj_y)
     if (a.per_model and b.kind == MODEL_CONST and lx.rank(b, node) == 2 and not adj_x
             and lx.rank(a, node) > 2 and node.op != "BatchMatMulV3"):
         # A Dense kernel on [B, S, K] data: as [N, B*S, K] x [N, K, M], one GEMM per member.
@@ -497,6 +544,10 @@ def _einsum(lx, node, ins):
     if not arrow:
         raise UnsupportedOpError(node.op, node.name, "implicit-output einsum equations")
     terms = lhs.split(",")
+    if len(ins) == 2 and _grouped_candidate(lx, ins[0], ins[1]) and "." not in equation:
+        contracted = _matmul_like_einsum(terms[0], terms[1], out)
+        if contracted:
+            return _grouped_projection(lx, ins[0], ins[1], contracted, w_transposed=False)
     # The model axis becomes one more batch label. TensorFlow runs a batched matmul for it;
     # rewriting EinsumDense projections as explicit BatchMatMulV2 measured no faster here.
     free = [c for c in string.ascii_letters if c not in equation]
@@ -513,6 +564,19 @@ def _einsum(lx, node, ins):
             args.append(lx.shared(v))
     new_equation = ",".join(new_terms) + "->" + z + out
     return [Value(STACKED, lx.clone(node, args, attrs=attr_value(equation=new_equation))[0])]
+
+
+def _matmul_like_einsum(tx: str, tw: str, out: str) -> int:
+    """How many leading axes of ``tw`` are contracted with the trailing axes of ``tx`` when
+    ``tx,tw->out`` is a plain projection (``abc,cde->abde``), else 0."""
+    free_x = [c for c in tx if c not in tw]
+    contracted = [c for c in tx if c in tw and c not in out]
+    free_w = [c for c in tw if c not in tx]
+    if (contracted and tx == "".join(free_x + contracted) and tw == "".join(contracted + free_w)
+            and out == "".join(free_x + free_w) and free_x and len(set(tx + tw)) == len(tx)
+            + len(free_w)):
+        return len(contracted)
+    return 0
 
 
 def _data_format(node) -> str:
