@@ -26,11 +26,33 @@ def grid():
                         dropout=0.2)
 
 
-def make_tuner(directory: str, overwrite: bool, lease_seconds: float = 30.0):
+PBT_EPOCHS = 3
+
+
+def build_pbt_member(hp):
+    """A member of a population: a constant learning rate, which exploit/explore changes."""
+    import keras
+
     from tfweave import hippo
+    from tfweave.hippo import study
+    lr = hippo.HyperSchedule.constant(hp, "learning_rate",
+                                      hippo.Choice([0.3, 0.1, 0.03, 0.003]))
+    return study.mlp(16, 0.2, keras.optimizers.SGD(lr.values[0], momentum=0.9))
+
+
+def make_tuner(directory: str, overwrite: bool, lease_seconds: float = 30.0,
+               kind: str = "grid", store: str | None = None):
+    from tfweave import hippo
+    if kind == "pbt":
+        # 4 members in rounds of one epoch: one exploit/explore decision after each round.
+        return hippo.StageTreeTuner(build_pbt_member, objective="val_accuracy", seed=SEED,
+                                    scheduler="pbt", population=4, round_epochs=1,
+                                    quantile=0.25, max_epochs=PBT_EPOCHS, directory=directory,
+                                    project_name="study", overwrite=overwrite,
+                                    lease_seconds=lease_seconds, stage_store=store)
     return hippo.GridSearch(grid().build, objective="val_accuracy", seed=SEED,
                             directory=directory, project_name="study", overwrite=overwrite,
-                            lease_seconds=lease_seconds)
+                            lease_seconds=lease_seconds, stage_store=store)
 
 
 class _SlowEpochs:
@@ -54,11 +76,12 @@ class _SlowEpochs:
         self.callback = Callback()
 
 
-def search(tuner, marker_dir: str | None = None, sleep: float = 0.0) -> None:
+def search(tuner, marker_dir: str | None = None, sleep: float = 0.0,
+           epochs: int = EPOCHS) -> None:
     from tfweave.hippo import study
     x, y, x_val, y_val = study.digits()
     callbacks = [_SlowEpochs(marker_dir, sleep).callback] if marker_dir else []
-    tuner.search(x, y, validation_data=(x_val, y_val), epochs=EPOCHS, batch_size=BATCH,
+    tuner.search(x, y, validation_data=(x_val, y_val), epochs=epochs, batch_size=BATCH,
                  verbose=0, callbacks=callbacks)
 
 
@@ -82,18 +105,23 @@ def result_of(oracle) -> dict:
             "status": trial.status, "score": trial.score,
             "final_state": state_digest(final) if final else None}
     best = oracle.get_best_trials(1)[0]
+    members = {p["id"]: json.dumps({k: v for k, v in p.get("initial_values", p["values"]).items()
+                                    if not k.startswith("hippo/")}, sort_keys=True)
+               for p in oracle.paths.values()}
     return {"trials": trials,
+            "members": members,
+            "events": getattr(oracle.scheduler, "events", []),
             "best": {k: v for k, v in best.hyperparameters.values.items()
                      if not k.startswith("hippo/")},
             "accounting": oracle.accounting(),
             "stage_runs": {n.id: n.runs for n in oracle.tree.nodes.values() if not n.is_root}}
 
 
-def run_single(directory: str) -> dict:
+def run_single(directory: str, kind: str = "grid", store: str | None = None) -> dict:
     from tfweave.hippo import study
     study.seeded(SEED)
-    tuner = make_tuner(directory, overwrite=True)
-    search(tuner)
+    tuner = make_tuner(directory, overwrite=True, kind=kind, store=store)
+    search(tuner, epochs=PBT_EPOCHS if kind == "pbt" else EPOCHS)
     return result_of(tuner.oracle)
 
 
@@ -105,6 +133,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lease", type=float, default=30.0)
     parser.add_argument("--marker-dir")
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--study", choices=["grid", "pbt"], default="grid")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import logging
@@ -112,11 +141,12 @@ def main(argv=None) -> int:
     from tfweave.hippo import study
     study.seeded(SEED)
     if args.role == "single":
-        result = run_single(args.directory)
+        result = run_single(args.directory, args.study)
     else:
         tuner = make_tuner(args.directory, overwrite=args.role == "chief" and not args.resume,
-                           lease_seconds=args.lease)
-        search(tuner, args.marker_dir, args.sleep)
+                           lease_seconds=args.lease, kind=args.study)
+        search(tuner, args.marker_dir, args.sleep,
+               epochs=PBT_EPOCHS if args.study == "pbt" else EPOCHS)
         if args.role == "worker":
             print(json.dumps({"idle_waits": tuner.oracle.idle_waits}))
             return 0

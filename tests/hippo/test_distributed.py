@@ -160,3 +160,29 @@ def test_a_restarted_chief_reloads_the_study_and_reruns_nothing_finished(
     assert result["accounting"]["stages_run"] == STAGES
     assert set(result["stage_runs"].values()) == {1}
     assert done_before <= set(result["stage_runs"])
+
+
+@pytest.fixture(scope="module")
+def single_process_pbt(tmp_path_factory):
+    return distributed_study.run_single(str(tmp_path_factory.mktemp("single_pbt")), "pbt")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_pbt_with_a_chief_and_two_workers_makes_the_single_process_decisions(
+        cluster, single_process_pbt):
+    chief = cluster.start("chief", "chief", "--study", "pbt")
+    workers = [cluster.start("worker", f"tuner{i}", "--study", "pbt") for i in range(2)]
+    for worker in workers:
+        assert cluster.wait(worker, 240) == 0
+    assert cluster.wait(chief, 60) == 0
+    result = cluster.result()
+    reference = single_process_pbt
+    # Rounds end in whatever order the workers finish; the decisions must not depend on it.
+    assert len(reference["events"]) == distributed_study.PBT_EPOCHS - 1
+    assert result["members"] == reference["members"]
+    assert result["events"] == reference["events"]  # who exploited whom, and the explored config
+    _same_study(result, reference)
+    accounting = result["accounting"]
+    assert accounting["executed_epochs"] == 4 * distributed_study.PBT_EPOCHS
+    assert set(result["stage_runs"].values()) == {1}

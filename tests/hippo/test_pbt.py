@@ -114,3 +114,42 @@ def test_pbt_trains_a_small_population_on_digits(tmp_path):
     leaf = tuner.oracle.tree.nodes[loser["leaf"]]
     assert leaf.parent == event["from_stage"] and leaf.start == 1
     assert leaf.config == event["config"]
+
+
+def _run_pbt_with_store(tmp_path, name, store, seed):
+    oracle = make_oracle(tmp_path / name, _constant_lr, max_epochs=EPOCHS, scheduler="pbt",
+                         population=4, round_epochs=ROUND, quantile=0.25, stage_store=store)
+    oracle.scheduler.seed = seed
+    Driver(oracle).run()
+    return oracle
+
+
+def _scores(oracle):
+    return {t.trial_id: t.score for t in oracle.get_best_trials(10)}
+
+
+def test_a_second_pbt_study_on_a_stage_store_adopts_every_stage_and_decides_the_same(tmp_path):
+    store = str(tmp_path / "store")
+    first = _run_pbt_with_store(tmp_path, "first", store, seed=3)
+    second = _run_pbt_with_store(tmp_path, "second", store, seed=3)
+    alone, _ = _run_pbt(tmp_path / "alone", seed=3)
+    assert first.accounting()["stages_run"] == alone.accounting()["stages_run"]
+    shared = second.accounting()
+    assert shared["executed_steps"] == 0 and shared["stages_run"] == 0
+    assert shared["stages_reused"] == alone.accounting()["stages_run"]
+    # Adopted stages carry their metrics: the same rankings, exploits and scores as alone.
+    assert second.scheduler.events == alone.scheduler.events
+    assert _scores(second) == _scores(alone)
+
+
+def test_a_pbt_study_with_other_explore_draws_trains_only_the_stages_that_differ(tmp_path):
+    store = str(tmp_path / "store")
+    _run_pbt_with_store(tmp_path, "first", store, seed=3)
+    warm = _run_pbt_with_store(tmp_path, "warm", store, seed=11)
+    alone, _ = _run_pbt(tmp_path / "alone", seed=11)
+    acc, own = warm.accounting(), alone.accounting()
+    # The first round (before any exploit) is the same population: adopted, not trained.
+    assert acc["stages_reused"] >= 4 and acc["stages_run"] > 0
+    assert acc["stages_run"] + acc["stages_reused"] == own["stages_run"]
+    assert warm.scheduler.events == alone.scheduler.events
+    assert _scores(warm) == _scores(alone)

@@ -15,9 +15,9 @@ def test_ending_a_stage_writes_the_state_once_with_the_stage_already_done(tmp_pa
     writes = []
     real = oracle_module.storage.atomic_write_json
 
-    def counting(path, data):
+    def counting(path, data, **options):
         writes.append(path)
-        real(path, data)
+        real(path, data, **options)
 
     monkeypatch.setattr(oracle_module.storage, "atomic_write_json", counting)
     driver.run_stage(trial)

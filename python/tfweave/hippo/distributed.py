@@ -75,11 +75,17 @@ class BackoffOracleClient:
     def create_trial(self, tuner_id):
         delay = self.min_delay
         while True:
+            asked = time.monotonic()
             trial = self._call("create_trial", tuner_id)
             if trial.status != "IDLE":
                 return trial
             # Nothing ready yet (a stage waits for its parent on another worker).
             self.idle_waits += 1
+            if time.monotonic() - asked >= self.min_delay:
+                # The chief held the request until its wait ran out (``serve_chief`` answers
+                # as soon as a stage is ready): ask again at once.
+                delay = self.min_delay
+                continue
             time.sleep(delay)
             delay = min(delay * 2, self.max_delay)
 
@@ -118,21 +124,75 @@ def finished_marker(project_dir: str) -> str:
     return os.path.join(project_dir, FINISHED_MARKER)
 
 
-def serve_chief(oracle, poll_seconds: float = 0.5, linger_seconds: float = 5.0) -> None:
-    """KerasTuner's chief server, plus lease expiry, exiting once the study is over.
+class _WakingServicer:
+    """KerasTuner's ``OracleServicer`` with one change: a ``CreateTrial`` that finds no stage
+    ready waits (up to ``wait_seconds``) for one to become ready, instead of answering IDLE at
+    once, so an idle worker starts a stage the moment its parent's report arrives rather than
+    after its next back-off pause. Calls are serialised as with KerasTuner's one-thread server;
+    a waiting ``CreateTrial`` gives the lock up while it waits. (gRPC only looks the handlers up
+    by name, so the other calls are forwarded to KerasTuner's servicer.)"""
+
+    def __init__(self, oracle, wait_seconds: float):
+        from keras_tuner.src.distribute import oracle_chief
+
+        self.wait_seconds = wait_seconds
+        self.changed = threading.Condition()
+        self._stock = oracle_chief.OracleServicer(oracle)
+
+    @property
+    def stop_triggered(self) -> bool:
+        return self._stock.stop_triggered
+
+    def CreateTrial(self, request, context):
+        from keras_tuner.src import protos
+
+        idle = protos.get_proto().TrialStatus.IDLE
+        deadline = time.monotonic() + self.wait_seconds
+        with self.changed:
+            while True:
+                response = self._stock.CreateTrial(request, context)
+                left = deadline - time.monotonic()
+                if response.trial.status != idle or left <= 0 or not context.is_active():
+                    return response
+                self.changed.wait(left)
+
+    def EndTrial(self, request, context):
+        with self.changed:
+            response = self._stock.EndTrial(request, context)
+            self.changed.notify_all()  # a stage may have become ready, or the study ended
+            return response
+
+    def __getattr__(self, name):
+        method = getattr(self._stock, name)
+
+        def serialised(request, context):
+            with self.changed:
+                return method(request, context)
+        return serialised
+
+    def notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
+
+def serve_chief(oracle, poll_seconds: float = 0.5, linger_seconds: float = 5.0,
+                wait_seconds: float = 2.0) -> None:
+    """KerasTuner's chief server, plus lease expiry, ready-stage wake-ups and an exit once the
+    study is over.
 
     Replaces ``keras_tuner.src.distribute.oracle_chief.start_server``, whose loop neither expires
-    stages of dead workers nor exits before every worker it ever saw has asked again.
+    stages of dead workers nor exits before every worker it ever saw has asked again, and whose
+    IDLE answers leave a waiting worker to poll.
     """
     from concurrent import futures
 
     import grpc
     from keras_tuner.src import protos
-    from keras_tuner.src.distribute import oracle_chief
 
     address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    servicer = oracle_chief.OracleServicer(oracle)
+    # Threads: one per waiting worker plus one for the calls that end or renew stages.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
+    servicer = _WakingServicer(oracle, wait_seconds)
     protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
     if not server.add_insecure_port(address):
         raise RuntimeError(f"the hippo chief cannot listen on {address}: is another chief "
@@ -145,9 +205,11 @@ def serve_chief(oracle, poll_seconds: float = 0.5, linger_seconds: float = 5.0) 
     try:
         while True:
             time.sleep(poll_seconds)
-            oracle.expire_leases()
-            if oracle.study_finished(stop_sent=servicer.stop_triggered):
-                break
+            with servicer.changed:
+                if oracle.expire_leases():
+                    servicer.changed.notify_all()  # an expired stage is ready again
+                if oracle.study_finished(stop_sent=servicer.stop_triggered):
+                    break
         storage.atomic_write_json(marker, {"finished": time.time()})
         # Workers that checked the marker just before it appeared still get their STOPPED.
         time.sleep(linger_seconds)

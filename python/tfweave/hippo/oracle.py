@@ -35,7 +35,17 @@ STEPS_METRIC = "hippo_steps"
 CKPT_BYTES_METRIC = "hippo_checkpoint_bytes"
 CKPT_SECONDS_METRIC = "hippo_checkpoint_seconds"
 SECONDS_METRIC = "hippo_seconds"
-_ACCOUNTING_METRICS = (STEPS_METRIC, CKPT_BYTES_METRIC, CKPT_SECONDS_METRIC, SECONDS_METRIC)
+# Where a worker's stage time went (seconds), and when it ran (wall clock, for the timeline).
+LOAD_SECONDS_METRIC = "hippo_load_seconds"
+FIT_SECONDS_METRIC = "hippo_fit_seconds"
+STARTED_AT_METRIC = "hippo_started_at"
+FINISHED_AT_METRIC = "hippo_finished_at"
+# Metric values travel as 32-bit floats: a worker sends its clock modulo this, and the chief
+# places it next to its own times for the stage (gaps are far shorter than this).
+CLOCK_PHASE_SECONDS = 1000.0
+_ACCOUNTING_METRICS = (STEPS_METRIC, CKPT_BYTES_METRIC, CKPT_SECONDS_METRIC, SECONDS_METRIC,
+                       LOAD_SECONDS_METRIC, FIT_SECONDS_METRIC, STARTED_AT_METRIC,
+                       FINISHED_AT_METRIC)
 
 
 def _synchronized(method):
@@ -144,6 +154,8 @@ class StageTreeOracle(keras_tuner.Oracle):
         self._leases: dict[str, float] = {}  # running stage trial -> last renewal (monotonic)
         self._tuner_seen: dict[str, float] = {}  # tuner id -> last create_trial (monotonic)
         self._expired: list[str] = []  # stage trials whose lease ran out (late reports ignored)
+        self._timeline_open: dict[str, dict] = {}  # running stage trial -> hand-out record
+        self._requesting_tuner = None  # the tuner whose create_trial is being answered
         self.tree = StageTree()
         self.paths: dict[str, dict] = {}
         self._path_trials: dict[str, trial_module.Trial] = {}
@@ -361,8 +373,10 @@ class StageTreeOracle(keras_tuner.Oracle):
         if self.scheduling == "critical_path":
             # Longest remaining path first bounds the makespan of parallel workers; ties go
             # depth first (the state just trained may still be in a worker's memory).
-            remaining = self.remaining_seconds()
-            return max(ready, key=lambda n: (round(remaining[n.id], 9),
+            # Equal estimates go to the longer chain of stages: each stage adds a hand-out
+            # and a report, and a chain cannot be split over workers.
+            remaining, chain = self.remaining_seconds(), self.remaining_stages()
+            return max(ready, key=lambda n: (round(remaining[n.id], 9), chain[n.id],
                                              n.parent == self._last_done, n.start, -order[n.id]))
         # Depth first from the stage just finished: its state is still in the tuner's memory and
         # its trials reach their ends (and scores) sooner.
@@ -391,6 +405,15 @@ class StageTreeOracle(keras_tuner.Oracle):
                      if self.tree.nodes[c].status in (PENDING, RUNNING)]
             own = self.estimated_stage_seconds(node) if node.status in (PENDING, RUNNING) else 0.0
             out[node.id] = own + max(below, default=0.0)
+        return out
+
+    def remaining_stages(self) -> dict:
+        """Per node: the most still-needed stages on a chain from it down to a leaf."""
+        out = {}
+        for node in sorted(self.tree.nodes.values(), key=lambda n: -n.end):
+            below = [out[c] for c in node.children
+                     if self.tree.nodes[c].status in (PENDING, RUNNING)]
+            out[node.id] = int(node.status in (PENDING, RUNNING)) + max(below, default=0)
         return out
 
     def makespan_seconds(self) -> float:
@@ -450,9 +473,15 @@ class StageTreeOracle(keras_tuner.Oracle):
     @_synchronized
     def create_trial(self, tuner_id):
         self._tuner_seen[tuner_id] = time.monotonic()
+        self._requesting_tuner = tuner_id
+        known = self.ongoing_trials.get(tuner_id)
         trial = super().create_trial(tuner_id)
         if trial.status == trial_module.TrialStatus.RUNNING:
             self._leases[trial.trial_id] = time.monotonic()
+            if known is None or known.trial_id != trial.trial_id:
+                self._timeline_open[trial.trial_id] = {
+                    "stage": self._stage_of_trial.get(trial.trial_id), "tuner": tuner_id,
+                    "handed_out": time.time()}
         return trial
 
     @_synchronized
@@ -510,6 +539,7 @@ class StageTreeOracle(keras_tuner.Oracle):
                         trial.status)
             return
         self._leases.pop(trial.trial_id, None)
+        self._adopt_reported_metrics(trial)
         node_id = self._stage_of_trial.get(trial.trial_id) or \
             trial.hyperparameters.values.get(META + "stage")
         message = trial.message or ""
@@ -534,6 +564,16 @@ class StageTreeOracle(keras_tuner.Oracle):
         self._process_reached()
         self._collect_garbage()
         self.save()
+
+    def _adopt_reported_metrics(self, trial) -> None:
+        """A worker sends a stage's per-epoch metrics with ``end_trial`` (one call per stage,
+        instead of an ``update_trial`` per epoch); they go where ``update_trial`` puts them."""
+        stored = self.trials.get(trial.trial_id)
+        if stored is None:
+            return
+        for name, history in trial.metrics.metrics.items():
+            if not stored.metrics.exists(name):
+                stored.metrics.metrics[name] = history
 
     def _parent_state_unusable(self, trial, node_id) -> None:
         stored = self.trials[trial.trial_id]
@@ -576,6 +616,7 @@ class StageTreeOracle(keras_tuner.Oracle):
         accounting["stage_seconds"] = accounting.get("stage_seconds", 0.0) + node.seconds
         self._last_done = node.id
         accounting["last_stage_end"] = time.time()
+        self._record_timeline(node, trial, extras, accounting["last_stage_end"])
         if self.stage_store is not None and node.checkpoint:
             self.stage_store.publish(node)
         if self.median_stopping:
@@ -583,6 +624,20 @@ class StageTreeOracle(keras_tuner.Oracle):
         for path in self._active_paths():
             if path["leaf"] == node.id:
                 self._reached.append(path["id"])
+
+    def _record_timeline(self, node, trial, extras: dict, ended: float) -> None:
+        """One entry per stage run: when the chief handed it out and heard back, and the
+        worker's own clock of load, fit and checkpoint save (``hippo.timeline`` reads them)."""
+        entry = self._timeline_open.pop(trial.trial_id, None) or {"stage": node.id}
+        entry.update({"stage": node.id, "ended": ended, "steps": node.steps,
+                      "seconds": node.seconds,
+                      "load": float(extras.get(LOAD_SECONDS_METRIC, 0.0)),
+                      "fit": float(extras.get(FIT_SECONDS_METRIC, 0.0)),
+                      "save": float(extras.get(CKPT_SECONDS_METRIC, 0.0)),
+                      "started": _unphase(extras.get(STARTED_AT_METRIC), entry.get("handed_out"),
+                                          after=True),
+                      "finished": _unphase(extras.get(FINISHED_AT_METRIC), ended, after=False)})
+        self._accounting.setdefault("timeline", []).append(entry)
 
     def _stage_failed(self, node, trial) -> None:
         node.status, node.message = FAILED, message_line(trial.message)
@@ -735,7 +790,8 @@ class StageTreeOracle(keras_tuner.Oracle):
         if getattr(self, "_saving_deferred", False):
             return
         # KerasTuner writes oracle.json in place; a crash mid-write would lose the study.
-        storage.atomic_write_json(self._get_oracle_fname(), self.get_state())
+        # Compact: the chief writes it on every stage hand-out and report.
+        storage.atomic_write_json(self._get_oracle_fname(), self.get_state(), compact=True)
         storage.atomic_write_json(os.path.join(self._project_dir, "stage_tree.json"),
                                   self.tree.get_state())
 
@@ -785,10 +841,28 @@ def _segments(found: list, max_epochs: int) -> list:
     return segments
 
 
+def _unphase(phase, near, after: bool):
+    """The wall-clock time whose ``CLOCK_PHASE_SECONDS`` phase is ``phase``, just after (or
+    just before) ``near``; None when either is unknown."""
+    if phase is None or near is None:
+        return None
+    shift = (float(phase) - near) % CLOCK_PHASE_SECONDS
+    return near + shift if after else near - ((near - float(phase)) % CLOCK_PHASE_SECONDS)
+
+
 def _direction_for(objective, name):
     if isinstance(objective, keras_tuner.Objective) and objective.name == name:
         return objective.direction
-    return None
+    return _inferred_direction(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _inferred_direction(name: str) -> str:
+    # KerasTuner infers a metric's direction by instantiating the Keras metric of that name
+    # (variables and all), once per registration: a chief finishing a rung of paths did it
+    # thousands of times. Same answer, once per name.
+    from keras_tuner.src.engine import metrics_tracking
+    return metrics_tracking.infer_metric_direction(name) or "min"
 
 
 def message_line(message: str | None, containing: str | None = None) -> str:

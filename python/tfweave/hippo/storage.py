@@ -22,8 +22,11 @@ def atomic_write(path: str, data: bytes | str) -> None:
     gfile.rename(staged, path, overwrite=True)
 
 
-def atomic_write_json(path: str, value) -> None:
-    atomic_write(path, json.dumps(value, indent=1, sort_keys=True))
+def atomic_write_json(path: str, value, compact: bool = False) -> None:
+    if compact:
+        atomic_write(path, json.dumps(value, separators=(",", ":")))
+    else:
+        atomic_write(path, json.dumps(value, indent=1, sort_keys=True))
 
 
 def read_bytes(path: str) -> bytes:

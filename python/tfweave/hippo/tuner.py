@@ -44,8 +44,10 @@ from keras_tuner.src.engine import tuner_utils
 
 from tfweave.hippo import checkpoints, distributed, storage
 from tfweave.hippo.epoch_data import EpochData
-from tfweave.hippo.oracle import (CKPT_BYTES_METRIC, CKPT_SECONDS_METRIC, META, SECONDS_METRIC,
-                                  STEPS_METRIC, StageTreeOracle, space_fingerprint)
+from tfweave.hippo.oracle import (CLOCK_PHASE_SECONDS, CKPT_BYTES_METRIC, CKPT_SECONDS_METRIC, FINISHED_AT_METRIC,
+                                  FIT_SECONDS_METRIC, LOAD_SECONDS_METRIC, META, SECONDS_METRIC,
+                                  STARTED_AT_METRIC, STEPS_METRIC, StageTreeOracle,
+                                  space_fingerprint)
 
 LOG = logging.getLogger("tfweave.hippo")
 # Schedules whose change needs no retrace: a variable, or the input pipeline.
@@ -243,15 +245,27 @@ class StageTreeTuner(keras_tuner.Tuner):
     def _run_and_update_trial(self, trial, *fit_args, **fit_kwargs):
         # Every epoch is reported (not only the best one, as KerasTuner does): the oracle
         # assembles per-trial histories from the stages along each path.
-        start = time.perf_counter()
+        started_at, start = time.time(), time.perf_counter()
+        self._stage_timing = {}
         logs, steps, stats = self.run_trial(trial, *fit_args, **fit_kwargs)
         seconds = time.perf_counter() - start
         last = max(logs)
+        reports = []
         for epoch in sorted(logs):
             metrics = dict(logs[epoch])
             if epoch == last:
                 metrics.update({STEPS_METRIC: steps, CKPT_BYTES_METRIC: stats.bytes,
-                                CKPT_SECONDS_METRIC: stats.seconds, SECONDS_METRIC: seconds})
+                                CKPT_SECONDS_METRIC: stats.seconds, SECONDS_METRIC: seconds,
+                                LOAD_SECONDS_METRIC: self._stage_timing.get("load", 0.0),
+                                FIT_SECONDS_METRIC: self._stage_timing.get("fit", 0.0),
+                                STARTED_AT_METRIC: started_at % CLOCK_PHASE_SECONDS,
+                                FINISHED_AT_METRIC: time.time() % CLOCK_PHASE_SECONDS})
+            reports.append((epoch, metrics))
+        if distributed.is_worker():
+            # One round trip per stage: the metrics travel with end_trial's trial.
+            _record_metrics(trial, reports, self.oracle.objective)
+            return
+        for epoch, metrics in reports:
             self.oracle.update_trial(trial.trial_id, metrics, step=epoch)
 
     def run_trial(self, trial, *fit_args, **fit_kwargs):
@@ -267,8 +281,11 @@ class StageTreeTuner(keras_tuner.Tuner):
         if not hasattr(data, "default_batch_size"):
             data.default_batch_size = data.batch_size
         data.batch_size = data.default_batch_size
+        loading = time.perf_counter()
         model = self._model_for_stage(stage, hp)
         self.apply_stage_config(model, stage.config, data)
+        timing = getattr(self, "_stage_timing", {})
+        timing["load"] = time.perf_counter() - loading
 
         callbacks = self._deepcopy_callbacks(list(fit_kwargs.pop("callbacks", [])))
         self._configure_tensorboard_dir(callbacks, trial, 0)
@@ -279,8 +296,10 @@ class StageTreeTuner(keras_tuner.Tuner):
                       tuner_utils.TunerCallback(self, trial)]
         data.set_epoch(stage.initial_epoch)
         fit_kwargs.setdefault("verbose", 0)
+        fitting = time.perf_counter()
         self.hypermodel.fit(hp, model, data, *fit_args[1:], initial_epoch=stage.initial_epoch,
                             epochs=stage.epochs, callbacks=callbacks, **fit_kwargs)
+        timing["fit"] = time.perf_counter() - fitting
         if kt_config.multi_backend():
             kt_utils.save_json(self._get_build_config_fname(trial.trial_id),
                                model.get_build_config())
@@ -417,6 +436,26 @@ def format_accounting(acc: dict) -> str:
             f"{acc['step_savings']:.2f}x fewer; checkpoints "
             f"{acc['checkpoint_bytes'] / 2**20:.1f} MiB written in "
             f"{acc['checkpoint_seconds']:.2f} s")
+
+
+def _record_metrics(trial, reports, objective) -> None:
+    """Puts a stage's per-epoch metrics into the worker's copy of its trial, checked as the
+    oracle's ``update_trial`` checks them (the objective must be among them)."""
+    from keras_tuner.src.engine import objective as objective_module
+    from keras_tuner.src.engine import oracle as kt_oracle
+    names = (list(objective.name_to_direction) if
+             isinstance(objective, objective_module.MultiObjective) else [objective.name])
+    for epoch, metrics in reports:
+        missing = [n for n in names if n not in metrics]
+        if missing:
+            raise ValueError(f"Objective value missing in metrics reported to the Oracle, "
+                             f"expected: {missing}, found: {metrics.keys()}")
+        for name, value in metrics.items():
+            if not trial.metrics.exists(name):
+                trial.metrics.register(
+                    name, direction=kt_oracle._maybe_infer_direction_from_objective(objective,
+                                                                                   name))
+            trial.metrics.update(name, value, step=epoch)
 
 
 def _all_layers(model):
