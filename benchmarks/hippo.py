@@ -10,7 +10,11 @@
 (4) distributed, 1 chief + 2 workers (KerasTuner's chief/worker mode, processes on loopback): the
     paper-shaped study, then a second study over the same space with another objective sharing
     the first one's stage store. Steps against the trial-based count of the same studies; study
-    makespan against the critical-path lower bound max(critical path, stage time / workers).
+    makespan against the critical-path lower bound max(critical path, stage time / workers),
+    and where the makespan went (``tfweave.hippo.timeline``);
+(5) stock KerasTuner GridSearch in chief/worker mode (1 chief + 2 workers) on the grid of (4):
+    steps and makespan against Hippo's (4) (the full run measures a subset of its trials and
+    scales it to the grid; the rows say so).
 
 Rows: steps executed (count ratio) and study wall time (one timed run each: a study is minutes
 long, so repeats are not affordable; the order alternates between studies). The best validation
@@ -28,12 +32,17 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 from benchmarks.harness import Row, ratio_row
+from tfweave.hippo import timeline
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
-                       "hippo_distributed.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "examples", "hippo_distributed.py")
 STEPS_TARGET_MULTI = 6.7
+# Stock KerasTuner trains all 81 x 27 epochs of the paper grid (no halving), about 20 minutes
+# here: the full run measures this many of its trials and scales steps and makespan to 81.
+STOCK_TRIALS_MEASURED = 8
 MAKESPAN_TARGET = 1.2
 WORKERS = 2
 
@@ -135,23 +144,30 @@ def run(report, quick: bool) -> None:
     assert not math.isnan(report.rows[0].ratio_median)
 
 
-def _cluster(directory: str, *args, workers: int = WORKERS, timeout: float = 900) -> dict:
+def _cluster(directory: str, *args, workers: int = WORKERS, timeout: float = 900,
+             script=None, startup_seconds: float = 15.0) -> dict:
     """Runs examples/hippo_distributed.py as 1 chief + ``workers`` workers; the chief's figures."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = os.path.join(directory, f"result-{port}.json")
     procs = []
+    script = script or [EXAMPLE]
     try:
-        for tuner_id in ["chief"] + [f"tuner{i}" for i in range(workers)]:
+        # Workers first: their requests wait for the chief (gRPC wait_for_ready), so once it
+        # is up every worker asks at once and the makespan measures the study, not how long
+        # each process took to import TensorFlow.
+        for tuner_id in [f"tuner{i}" for i in range(workers)] + ["chief"]:
+            if tuner_id == "chief":
+                time.sleep(startup_seconds)
             env = dict(os.environ, KERASTUNER_TUNER_ID=tuner_id,
                        KERASTUNER_ORACLE_IP="127.0.0.1", KERASTUNER_ORACLE_PORT=str(port),
                        TF_CPP_MIN_LOG_LEVEL="2")
-            command = [sys.executable, EXAMPLE, directory, *args]
+            command = [sys.executable, *script, directory, *args]
             if tuner_id == "chief":
                 command += ["--result", result]
             log = open(os.path.join(directory, f"{tuner_id}-{port}.log"), "w")
-            procs.append(subprocess.Popen(command, env=env, stdout=log,
+            procs.append(subprocess.Popen(command, env=env, stdout=log, cwd=ROOT,
                                           stderr=subprocess.STDOUT))
         for proc in procs:
             if proc.wait(timeout=timeout) != 0:
@@ -165,14 +181,20 @@ def _cluster(directory: str, *args, workers: int = WORKERS, timeout: float = 900
 
 
 def _makespan_row(case, run) -> Row:
+    # The bound: a stage's measured seconds are its whole run on the worker (loading its
+    # starting state, fit, checkpoint save); no schedule finishes before the longest
+    # root-to-leaf chain of those, nor before all of them shared evenly by the workers.
     bound = max(run["critical_path_seconds"], run["stage_seconds"] / WORKERS)
     ratio = bound / run["makespan_seconds"]  # 1.0 = on the bound; bigger is better
+    parts = timeline.breakdown(run["accounting"])
     return Row(case=f"{case}: makespan vs critical-path bound", candidate="hippo",
                baseline="critical-path bound", ratio_median=ratio, ratio_min=ratio,
                ratio_max=ratio, candidate_median_s=run["makespan_seconds"],
                baseline_median_s=bound, target=1 / MAKESPAN_TARGET,
                extra={"critical_path_s": run["critical_path_seconds"],
-                      "stage_seconds_total": run["stage_seconds"], "workers": WORKERS})
+                      "stage_seconds_total": run["stage_seconds"], "workers": WORKERS,
+                      "makespan_over_bound": run["makespan_seconds"] / bound,
+                      "worker_seconds": {k: round(v, 3) for k, v in parts["total"].items()}})
 
 
 def _distributed(report, quick: bool, directory: str) -> None:
@@ -213,5 +235,151 @@ def _distributed(report, quick: bool, directory: str) -> None:
         f"{WORKERS} workers. Second study: {second['accounting']['executed_steps']} new steps, "
         f"{second['accounting'].get('stages_reused', 0)} stages reused. Trial-based step counts "
         f"are the same studies' paths summed stage by stage (a stock KerasTuner run trains "
-        f"exactly those; its wall time is in rows (1)-(3)).")
+        f"exactly those).")
     LOG.info(report.notes[-1])
+    report.notes.append(f"{case}, where the makespan went (both workers' time): "
+                        f"{timeline.describe(timeline.breakdown(acc))}; bound = max(critical "
+                        f"path, stage seconds / workers), a stage's seconds being its whole run "
+                        f"on the worker (load + fit + checkpoint save)")
+    LOG.info(report.notes[-1])
+    _stock_distributed(report, quick, directory, first)
+
+
+def _stock_distributed(report, quick: bool, directory: str, hippo_run: dict) -> None:
+    """Stock KerasTuner GridSearch in chief/worker mode on the same grid (full budget: stock
+    KerasTuner has no successive halving) against Hippo's distributed study (1)."""
+    size = "small" if quick else "paper"
+    space, epochs = _study_space(size)
+    measured = None if quick else STOCK_TRIALS_MEASURED
+    LOG.info("(5) stock KerasTuner distributed GridSearch, %s of %d trials",
+             measured or "all", space.size)
+    stock = _stock_cluster(directory, size, measured)
+    scale = space.size / stock["trials"]  # 1 when the whole grid ran
+    steps, makespan = stock["steps"] * scale, stock["makespan_seconds"] * scale
+    case = (f"distributed 1 chief + {WORKERS} workers, grid {space.size} x {epochs} epochs: "
+            f"Hippo (SHA) vs stock KerasTuner GridSearch")
+    extra = {"stock_trials_measured": stock["trials"], "stock_trials_in_grid": space.size,
+             "stock_scaled_from_subset": scale != 1, "stock_measured_steps": stock["steps"],
+             "stock_measured_makespan_s": stock["makespan_seconds"],
+             "stock_best_val_accuracy_of_subset": stock["best_score"],
+             "hippo_best_val_accuracy": hippo_run["best_score"]}
+    report.add(ratio_row(f"{case}: training steps", candidate_name="hippo",
+                         baseline_name="stock_kerastuner_distributed",
+                         candidate_value=hippo_run["accounting"]["executed_steps"],
+                         baseline_value=steps, higher_is_better=False, extra=extra))
+    report.add(Row(case=f"{case}: makespan", candidate="hippo",
+                   baseline="stock_kerastuner_distributed",
+                   ratio_median=makespan / hippo_run["makespan_seconds"],
+                   ratio_min=makespan / hippo_run["makespan_seconds"],
+                   ratio_max=makespan / hippo_run["makespan_seconds"],
+                   candidate_median_s=hippo_run["makespan_seconds"], baseline_median_s=makespan,
+                   extra=extra))
+    report.notes.append(
+        f"{case}: stock ran {stock['trials']} of {space.size} trials ({stock['steps']} steps, "
+        f"makespan {stock['makespan_seconds']:.1f} s"
+        + (f"; its rows scale both by {scale:.0f} to the whole grid: a full stock run is "
+           f"{stock['makespan_seconds'] * scale / 60:.0f} min here" if scale != 1 else "")
+        + "). Stock KerasTuner's GridSearch oracle answers IDLE while a trial runs and its "
+          "next grid point is not computed yet, so its two workers take turns (one trains, "
+          "the other re-asks at once) instead of training side by side.")
+    LOG.info(report.notes[-1])
+
+
+# --- stock KerasTuner in chief/worker mode (the distributed trial-based baseline) -----------------
+# ``python -m benchmarks.hippo stock DIRECTORY ...`` is one process of it: KerasTuner's own chief
+# (``KERASTUNER_TUNER_ID=chief``) or a worker running stock GridSearch trials, one ``fit`` each
+# with the schedule as a callback (as rows (1)-(3)); each worker writes when each of its trials
+# started and ended and how many steps it trained.
+
+
+def _stock_main(argv) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("directory")
+    parser.add_argument("--project", default="stock")
+    parser.add_argument("--size", default="paper", choices=["paper", "small"])
+    parser.add_argument("--max-trials", type=int, default=None)
+    parser.add_argument("--result")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import keras_tuner
+
+    from tfweave import hippo
+    from tfweave.hippo import study
+
+    study.seeded(1)
+    space, epochs = _study_space(args.size)
+    counter = study._StepCounter()
+    role = os.environ.get("KERASTUNER_TUNER_ID", "single")
+    records = []
+
+    class ScheduledHyperModel(keras_tuner.HyperModel):
+        def build(self, hp):
+            keras.utils.set_random_seed(1)
+            return space.build(hp)
+
+        def fit(self, hp, model, *fit_args, callbacks=(), **kwargs):
+            schedule = study.lr_callback(space.schedule_of(hp.values))
+            return model.fit(*fit_args, callbacks=list(callbacks) + [schedule], **kwargs)
+
+    class TimedGridSearch(keras_tuner.GridSearch):
+        def on_trial_begin(self, trial):
+            self._began, self._steps_before = time.time(), counter.steps
+            super().on_trial_begin(trial)
+
+        def on_trial_end(self, trial):
+            super().on_trial_end(trial)  # reports to the chief
+            records.append({"trial": trial.trial_id, "start": self._began, "end": time.time(),
+                            "steps": counter.steps - self._steps_before})
+
+    options = {"max_trials": args.max_trials} if args.max_trials else {}
+    tuner = TimedGridSearch(ScheduledHyperModel(), objective="val_accuracy", seed=1,
+                            directory=args.directory, project_name=args.project,
+                            overwrite=role == "chief", **options)
+    x, y, x_val, y_val = study.digits()
+    train = hippo.EpochData(x, y, batch_size=32, seed=1)
+    tuner.search(train, validation_data=(x_val, y_val), epochs=epochs, verbose=0,
+                 callbacks=[train.epoch_callback(), counter.callback])
+    if role == "chief":
+        best = tuner.oracle.get_best_trials(1)
+        with open(args.result, "w") as f:
+            json.dump({"trials": len(tuner.oracle.trials),
+                       "best_score": float(best[0].score) if best else None}, f)
+    else:
+        with open(os.path.join(args.directory, f"{args.project}-{role}.json"), "w") as f:
+            json.dump(records, f)
+    return 0
+
+
+def _study_space(size: str):
+    from tfweave.hippo import study
+    if size == "paper":
+        return study.TwoMilestoneGrid(), 27
+    return study.TwoMilestoneGrid(initial=(0.1, 0.03), milestones=(4, 5), second_milestones=(6,),
+                                  decay=(0.1, 0.5)), 9
+
+
+def _stock_cluster(directory: str, size: str, max_trials) -> dict:
+    """Stock KerasTuner GridSearch, 1 chief + ``WORKERS`` workers: steps and makespan (first
+    trial begun to last trial reported, over the workers' clocks)."""
+    project = f"stock_{size}"
+    args = ["--project", project, "--size", size]
+    if max_trials:
+        args += ["--max-trials", str(max_trials)]
+    chief = _cluster(directory, *args, script=["-m", "benchmarks.hippo", "stock"])
+    records = []
+    for i in range(WORKERS):
+        with open(os.path.join(directory, f"{project}-tuner{i}.json")) as f:
+            records += json.load(f)
+    makespan = max(r["end"] for r in records) - min(r["start"] for r in records)
+    return {"trials": len(records), "steps": sum(r["steps"] for r in records),
+            "makespan_seconds": makespan, "best_score": chief["best_score"],
+            "trial_seconds": sum(r["end"] - r["start"] for r in records)}
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["stock"]:
+        sys.exit(_stock_main(sys.argv[2:]))
+    sys.exit(f"usage: python -m benchmarks.hippo stock DIRECTORY [options]")
