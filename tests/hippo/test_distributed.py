@@ -102,6 +102,26 @@ def test_a_chief_and_two_workers_finish_the_study_exactly_as_one_process_does(
     _same_study(result, single_process_result)
     assert result["accounting"]["stages_run"] == STAGES
     assert set(result["stage_runs"].values()) == {1}
+    _check_timeline(result["accounting"])
+
+
+def _check_timeline(accounting):
+    """Each stage run is on the chief's timeline, in order, and the breakdown adds up."""
+    from tfweave.hippo import timeline
+
+    entries = accounting["timeline"]
+    assert len(entries) == accounting["stages_run"]
+    assert {e["tuner"] for e in entries} <= {"tuner0", "tuner1"}
+    slack = 0.05  # the worker's clock phase is sent as a 32-bit float
+    for e in entries:
+        assert e["handed_out"] <= e["started"] + slack
+        assert e["started"] <= e["finished"] + slack
+        assert e["finished"] <= e["ended"] + slack
+        assert e["fit"] > 0 and e["fit"] + e["load"] + e["save"] <= e["seconds"] + 1e-6
+    parts = timeline.breakdown(accounting)
+    assert parts["total"]["stages"] == len(entries)
+    accounted = sum(v for k, v in parts["total"].items() if k != "stages")
+    assert accounted == pytest.approx(parts["makespan"] * len(parts["workers"]), abs=0.5)
 
 
 @pytest.mark.slow
