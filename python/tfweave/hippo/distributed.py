@@ -3,9 +3,14 @@
 KerasTuner's chief serves the oracle over gRPC and workers call only its stock methods, so
 everything here rides on them:
 
-- *Back-off.* ``BaseTuner.search`` re-asks at once when the oracle answers IDLE (a stage is
-  waiting for its parent): ``BackoffOracleClient`` sleeps between such answers, doubling the
-  pause up to ``max_delay``, and retries a call cut by a chief restart.
+- *Waiting for a ready stage.* ``BaseTuner.search`` re-asks at once when the oracle answers
+  IDLE (a stage is waiting for its parent). The chief (``serve_chief``) holds such a
+  ``create_trial`` until another worker's report makes a stage ready (or a couple of seconds
+  pass), so the idle worker starts it at once; ``BackoffOracleClient`` re-asks right after a held
+  answer, sleeps with doubling back-off (up to ``max_delay``) after an immediate one (a chief
+  that does not hold requests), and retries a call cut by a chief restart.
+- *One round trip per stage.* A worker sends a stage's per-epoch metrics inside ``end_trial``'s
+  trial instead of one ``update_trial`` per epoch.
 - *Leases.* A worker renews the lease on the stage it runs by calling ``get_trial`` for it every
   ``lease_seconds / 4`` (``Heartbeat``). The chief's loop (``serve_chief``) hands a stage whose
   lease ran out to another worker, from the stage's parent checkpoint: a killed worker loses at

@@ -425,11 +425,13 @@ class StageTreeOracle(keras_tuner.Oracle):
 
     def critical_path_seconds(self) -> float:
         """The study's critical path in measured seconds: the longest root-to-leaf chain of
-        stages as they ran (a lower bound on any schedule's makespan, however many workers)."""
+        stages as they ran (a lower bound on any schedule's makespan, however many workers).
+        Stages adopted from a stage store cost this study nothing and count zero."""
         longest = {}
         for node in sorted(self.tree.nodes.values(), key=lambda n: n.end):
             parent = longest.get(node.parent, 0.0) if node.parent else 0.0
-            longest[node.id] = parent + (node.seconds if node.status == DONE else 0.0)
+            ran = node.status == DONE and node.runs > 0
+            longest[node.id] = parent + (node.seconds if ran else 0.0)
         return max(longest.values(), default=0.0)
 
     def _stage_values(self, node) -> dict:
