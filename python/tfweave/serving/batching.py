@@ -146,9 +146,14 @@ class ModelBatchQueue(_Queue):
         with self.scheduler.cv:
             if self._rows + task.rows > self.capacity and self._tasks:
                 raise queue_full(self.name)
+            # A batch thread needs waking only when this request can make the queue ready
+            # sooner: it is the oldest one now, or it fills a batch. Otherwise a thread
+            # already knows about this queue, and a spare wake-up costs a GIL round trip.
+            wake = not self._tasks or not self.batching or task.solo
             self._tasks.append(task)
             self._rows += task.rows
-            self.scheduler.cv.notify()
+            if wake or self._rows >= self.max_batch_size:
+                self.scheduler.cv.notify()
         return task.future
 
     def oldest(self):
@@ -229,6 +234,7 @@ class MergedBatchQueue(_Queue):
         # another batch thread starting a run of one or two beside it (both runs then share
         # the cores, and each computes only a sliver of the members).
         self._in_flight = 0
+        self._full_members = 0   # members holding a full batch (kept as requests come and go)
 
     def submit(self, task: Task) -> Future:
         self._check_size(task)
@@ -239,7 +245,13 @@ class MergedBatchQueue(_Queue):
             self._tasks[i].append(task)
             self._rows[i] += task.rows
             self._waiting += 1
-            self.scheduler.cv.notify()
+            if self._rows[i] >= self.max_batch_size > self._rows[i] - task.rows:
+                self._full_members += 1
+            # While a run is in flight a request only waits for it (the run's end wakes a
+            # batch thread); waking one per request would find nothing to do, at a GIL
+            # round trip each.
+            if not (self.batching and self._in_flight and not self._full_members):
+                self.scheduler.cv.notify()
         return task.future
 
     def oldest(self):
@@ -248,7 +260,7 @@ class MergedBatchQueue(_Queue):
         return min(q[0].enqueued for q in self._tasks if q)
 
     def full(self):
-        return any(r >= self.max_batch_size for r in self._rows)
+        return self._full_members > 0
 
     def depth(self):
         return sum(self._rows)
@@ -262,6 +274,7 @@ class MergedBatchQueue(_Queue):
             task = self._tasks[i].popleft()
             self._rows[i] -= task.rows
             self._waiting -= 1
+            self._recount_full()
             return [[task] if j == i else [] for j in range(len(self._tasks))]
         for i, queue in enumerate(self._tasks):
             taken = []
@@ -276,7 +289,11 @@ class MergedBatchQueue(_Queue):
                 self._rows[i] -= rows
                 self._waiting -= len(taken)
             per_member.append(taken)
+        self._recount_full()
         return per_member
+
+    def _recount_full(self):
+        self._full_members = sum(1 for r in self._rows if r >= self.max_batch_size)
 
     def process(self, per_member: list[list[Task]]) -> None:
         try:
