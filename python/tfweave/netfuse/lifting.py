@@ -467,17 +467,8 @@ def _grouped_projection(lx: Lifter, x: Value, w: Value, contracted: int, w_trans
     """
     import tensorflow as tf
     from tfweave.ops.grouped_matmul import grouped_matmul
-    w_shape = lx.shape(w)
-    if w_transposed:
-        m, k = w_shape
-        weight = lx.weight(w, "grouped_mk", lambda a: a)
-        m_shape = [m]
-    else:
-        k = int(np.prod(w_shape[:contracted]))
-        m = int(np.prod(w_shape[contracted:]))
-        weight = lx.weight(w, f"grouped_mk{contracted}", lambda a: np.ascontiguousarray(
-            a.reshape(a.shape[0], k, m).transpose(0, 2, 1)))
-        m_shape = list(w_shape[contracted:])
+    weight, m_shape = grouped_weight(lx, w, contracted, w_transposed)
+    k = int(lx.shape(w)[-1] if w_transposed else np.prod(lx.shape(w)[:contracted]))
     xt = lx.stacked(x)
     x_static = _static(xt.shape)
     shape = tf.shape(xt)
@@ -488,6 +479,21 @@ def _grouped_projection(lx: Lifter, x: Value, w: Value, contracted: int, w_trans
     out = tf.reshape(out, tf.concat([free, tf.constant(m_shape, tf.int32)], 0))
     out.set_shape(x_static[:len(x_static) - contracted] + m_shape)
     return [Value(STACKED, out)]
+
+
+def grouped_weight(lx: Lifter, w: Value, contracted: int, transposed: bool):
+    """A per-model projection weight as GroupedMatMul's ``[N, M, K]`` (``transpose_w``) and the
+    member's output shape ``M...``. ``w`` is one member's ``[K..., M...]`` with ``contracted``
+    axes of K, or ``[M, K]`` when ``transposed``. The ragged and the grouped lowering share
+    these weights (one copy in a merged model)."""
+    w_shape = lx.shape(w)
+    if transposed:
+        return lx.weight(w, "grouped_mk", lambda a: a), [w_shape[0]]
+    k = int(np.prod(w_shape[:contracted]))
+    m = int(np.prod(w_shape[contracted:]))
+    weight = lx.weight(w, f"grouped_mk{contracted}", lambda a: np.ascontiguousarray(
+        a.reshape(a.shape[0], k, m).transpose(0, 2, 1)))
+    return weight, list(w_shape[contracted:])
 
 
 def _grouped_candidate(lx: Lifter, x: Value, w: Value) -> bool:

@@ -277,7 +277,8 @@ def build_module(plan, num_members: int, use_channels: bool = True,
 
     def make_lifter():
         return Lifter(num_members, store, use_channels=use_channels,
-                      conv_strategy=conv_strategy, grouped_matmul=mode == "grouped")
+                      conv_strategy=conv_strategy,
+                      grouped_matmul=mode in ("grouped", "ragged"))
 
     stacked_body, prefixed_body = build_signature_functions(plan, make_lifter, num_members)
     stacked_specs = _input_specs(plan.reference, num_members, stacked=True)
@@ -358,7 +359,8 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
       mode: ``"stock"`` (stock TF ops only) or ``"ragged"``: the prefixed signature runs the
         members' rows concatenated, without padding, through tfweave's GroupedMatMul op, and a
         ``ragged`` signature takes the rows plus ``group_sizes``; loading it needs tfweave's
-        ops (``load_merged`` loads them). ``stacked`` stays stock. ``"grouped"``: the stock
+        ops (``load_merged`` loads them); its ``stacked`` signature is the grouped one
+        below, sharing the weights. ``"grouped"``: the stock
         merge, except that projections by per-model weights (MatMul, Dense, matmul-like
         Einsum) run as one GroupedMatMul over the members' weights stored ``[N, M, K]``:
         faster on CPUs at small per-member batches (the op reads the weights at memory

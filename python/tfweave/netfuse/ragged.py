@@ -47,9 +47,16 @@ def _first_ragged(ins) -> Value:
     return next(v for v in ins if v.kind == RAGGED)
 
 
-def _segment_ids(sizes):
+def _segment_ids(lx, sizes):
+    """The member index of each row: computed once per graph and group sizes (a few ops,
+    where ``tf.repeat`` per use cost dozens each, a fixed cost in every ragged run)."""
     import tensorflow as tf
-    return tf.repeat(tf.range(tf.size(sizes), dtype=tf.int32), sizes)
+    cache = lx.__dict__.setdefault("_ragged_segment_ids", {})
+    key = sizes.ref()
+    if key not in cache:
+        ends = tf.cumsum(sizes)
+        cache[key] = tf.searchsorted(ends, tf.range(ends[-1]), side="right", out_type=tf.int32)
+    return cache[key]
 
 
 def _rescaled_sizes(sizes, rows_before, rows_after):
@@ -77,7 +84,7 @@ def _per_row(lx, node, v: Value, like: Value, rank: int):
     if static[1] != 1:
         raise UnsupportedOpError(node.op, node.name,
                                  "a per-model operand with its own batch axis (ragged mode)")
-    return tf.gather(tf.squeeze(stacked, 1), _segment_ids(sizes_of(like)))
+    return tf.gather(tf.squeeze(stacked, 1), _segment_ids(lx, sizes_of(like)))
 
 
 def _normalize(axis: int, rank: int) -> int:
@@ -155,19 +162,19 @@ def _grouped_matmul(x2d, weight, sizes, transpose_w):
 
 
 def _matmul_rows(lx, node, x: Value, w: Value, transpose_w: bool):
-    """x ragged ``[T, ..., K]`` times per-model ``w`` (``[K, M]`` per member)."""
+    """x ragged ``[T, ..., K]`` times per-model ``w`` (``[K, M]`` per member, or ``[M, K]``
+    when ``transpose_w``)."""
     import tensorflow as tf
-    weight = lx.stacked(w)
+    from tfweave.netfuse.lifting import grouped_weight
+    weight, m_shape = grouped_weight(lx, w, 1, transposed=transpose_w)
     xt = x.tensor
     shape = tf.shape(xt)
     rows = tf.reshape(xt, tf.stack([-1, shape[-1]]))
     sizes = _rescaled_sizes(sizes_of(x), shape[0], tf.shape(rows)[0])
-    out = _grouped_matmul(rows, weight, sizes, transpose_w)
-    m = tf.shape(weight)[1 if transpose_w else 2]
-    out = tf.reshape(out, tf.concat([shape[:-1], [m]], 0))
+    out = _grouped_matmul(rows, weight, sizes, True)
+    out = tf.reshape(out, tf.concat([shape[:-1], m_shape], 0))
     static = _static(xt.shape)
-    w_static = lx.shape(w)
-    out.set_shape(static[:-1] + [w_static[0 if transpose_w else 1]])
+    out.set_shape(static[:-1] + m_shape)
     return [ragged(out, sizes_of(x))]
 
 
@@ -229,7 +236,7 @@ def _einsum(lx, node, ins):
                                          "axis (ragged mode)")
             stacked = lx.stacked(v)
             import tensorflow as tf
-            args.append(tf.gather(stacked, _segment_ids(sizes_of(like))))
+            args.append(tf.gather(stacked, _segment_ids(lx, sizes_of(like))))
             new_terms.append(batch + term)
     new_equation = ",".join(new_terms) + "->" + out
     out_t = lx.clone(node, args, attrs=attr_value(equation=new_equation))[0]
@@ -238,19 +245,18 @@ def _einsum(lx, node, ins):
 
 def _einsum_as_grouped_matmul(lx, node, x, w, contracted: int):
     import tensorflow as tf
-    w_shape = lx.shape(w)
-    k = int(np.prod(w_shape[:contracted]))
-    m = int(np.prod(w_shape[contracted:]))
-    weight = lx.weight(w, "rows", lambda a: a.reshape(a.shape[0], k, m))
+    from tfweave.netfuse.lifting import grouped_weight
+    weight, m_shape = grouped_weight(lx, w, contracted, transposed=False)
+    k = int(np.prod(lx.shape(w)[:contracted]))
     xt = x.tensor
     shape = tf.shape(xt)
     free = shape[:tf.size(shape) - contracted]
     rows = tf.reshape(xt, tf.stack([-1, k]))
     sizes = _rescaled_sizes(sizes_of(x), shape[0], tf.shape(rows)[0])
-    out = _grouped_matmul(rows, weight, sizes, False)
-    out = tf.reshape(out, tf.concat([free, tf.constant(w_shape[contracted:], tf.int32)], 0))
+    out = _grouped_matmul(rows, weight, sizes, True)
+    out = tf.reshape(out, tf.concat([free, tf.constant(m_shape, tf.int32)], 0))
     static = _static(xt.shape)
-    out.set_shape(static[:len(static) - contracted] + list(w_shape[contracted:]))
+    out.set_shape(static[:len(static) - contracted] + m_shape)
     return [ragged(out, sizes_of(x))]
 
 
@@ -469,7 +475,7 @@ def _gather(lx, node, ins):
         vocab = params.array.shape[1]
         table = lx.weight(params, "table", lambda a: a.reshape((-1,) + a.shape[2:]))
         ids = indices.tensor
-        offsets = _segment_ids(sizes_of(indices)) * vocab
+        offsets = _segment_ids(lx, sizes_of(indices)) * vocab
         offsets = tf.reshape(tf.cast(offsets, ids.dtype),
                              tf.concat([[-1], tf.ones([tf.rank(ids) - 1], tf.int32)], 0))
         out = tf.raw_ops.GatherV2(params=table, indices=ids + offsets,
