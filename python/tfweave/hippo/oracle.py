@@ -155,6 +155,9 @@ class StageTreeOracle(keras_tuner.Oracle):
         self._tuner_seen: dict[str, float] = {}  # tuner id -> last create_trial (monotonic)
         self._expired: list[str] = []  # stage trials whose lease ran out (late reports ignored)
         self._timeline_open: dict[str, dict] = {}  # running stage trial -> hand-out record
+        # Diagnostics, kept in memory only (the oracle state is rewritten on every stage): a
+        # restarted chief's timeline starts at the restart.
+        self._timeline: list[dict] = []
         self._requesting_tuner = None  # the tuner whose create_trial is being answered
         self.tree = StageTree()
         self.paths: dict[str, dict] = {}
@@ -639,7 +642,7 @@ class StageTreeOracle(keras_tuner.Oracle):
                       "started": _unphase(extras.get(STARTED_AT_METRIC), entry.get("handed_out"),
                                           after=True),
                       "finished": _unphase(extras.get(FINISHED_AT_METRIC), ended, after=False)})
-        self._accounting.setdefault("timeline", []).append(entry)
+        self._timeline.append(entry)
 
     def _stage_failed(self, node, trial) -> None:
         node.status, node.message = FAILED, message_line(trial.message)
@@ -729,6 +732,7 @@ class StageTreeOracle(keras_tuner.Oracle):
                 trial_based_steps += sum(n.steps for n in self.tree.path(path["leaf"]))
                 trial_based_epochs += self._reached_epochs(path)
         out = dict(self._accounting)
+        out["timeline"] = list(self._timeline)
         out.update({
             "trials": len(self.paths),
             "trials_completed": sum(p["status"] == "completed" for p in self.paths.values()),

@@ -1,7 +1,8 @@
 """Where a distributed study's makespan goes: per worker, training vs loading vs saving vs the
 round trips to the chief vs waiting.
 
-The chief records, per stage run (``accounting()["timeline"]``), when it handed the stage out and
+The chief records in memory, per stage run (``accounting()["timeline"]``; a restarted chief's
+starts at the restart), when it handed the stage out and
 when it heard the result back (its clock); the worker adds how long loading the stage's starting
 state, ``fit`` and the checkpoint save took, and when its run started and finished (wall clock,
 comparable across processes on one machine). ``breakdown`` sums those per worker over the study's
