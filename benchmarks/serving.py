@@ -8,8 +8,9 @@ the same server binary, each a real subprocess on loopback with the same batchin
 - baseline: the N member SavedModels as N ordinary models, each batched on its own, which is
   what TF Serving does.
 
-The load is closed-loop: C clients (spread round-robin over the members, so C <= N means at
-most one client per member, i.e. small per-model load) each send their next Predict as soon as
+The load is closed-loop: C clients (spread round-robin over the members, so C <= 2N means at
+most two clients per member, i.e. small per-model load; the issue's 3x target applies to 16-64
+clients at N=32) each send their next Predict as soon as
 the last one answered, over gRPC with tensorflow-serving-api's stub (grpc.aio). A cell runs a
 fixed number of requests per repeat, candidate and baseline alternating (harness.compare), and
 reports the throughput ratio plus p50/p99 latency of each side. Bounded in count and time;
@@ -155,6 +156,7 @@ class _LoadGenerator:
         self._channel, self._stub = self._loop.run_until_complete(connect())
         self.latencies: list[float] = []
         self.failures = 0
+        self.wall_s = 0.0   # time spent in run(), to relate the server's busy time to
 
     def run(self, clients: int, total: int, time_limit_s: float = 60.0) -> None:
         per_client = max(1, total // clients)
@@ -176,7 +178,9 @@ class _LoadGenerator:
         async def everyone():
             await asyncio.gather(*(client(i) for i in range(clients)))
 
+        start = time.perf_counter()
         self._loop.run_until_complete(everyone())
+        self.wall_s += time.perf_counter() - start
 
     def close(self):
         self._loop.run_until_complete(self._channel.close())
@@ -267,10 +271,12 @@ def _start_pair(candidate_args, baseline_args, root: Path):
     return result["candidate"], result["baseline"]
 
 
-def _batch_totals(server: _Server) -> tuple[float, float]:
-    """(merged runs, requests in them) so far, from the server's Prometheus metrics."""
+def _batch_totals(server: _Server) -> tuple[float, float, float]:
+    """(batch runs, requests in them, seconds spent running them) so far, from the server's
+    Prometheus metrics."""
     return (server.metric_sum(":tfweave:serving:batch_size_count"),
-            server.metric_sum(":tfweave:serving:batch_size_sum"))
+            server.metric_sum(":tfweave:serving:batch_size_sum"),
+            server.metric_sum(":tfweave:serving:batch_run_seconds"))
 
 
 def _cells(report, label: str, n: int, names, merged: Path, config: Path, feeds,
@@ -288,14 +294,19 @@ def _cells(report, label: str, n: int, names, merged: Path, config: Path, feeds,
             total = total_for(clients)
             per = clients * max(1, total // clients)   # requests one repeat sends
             case = f"{label}/N={n}/clients={clients}"
-            small_load = n == 32 and clients <= n
+            # The issue's target: >= 3x at N=32 under small per-model load, i.e. 16-64 clients
+            # spread over the 32 members (1-4 clients leave nothing to batch across members).
+            small_load = n == 32 and 16 <= clients <= 2 * n
             before = _batch_totals(candidate)
+            before_b = _batch_totals(baseline)
+            wall_c, wall_b = load_c.wall_s, load_b.wall_s
             row = compare(case, lambda: load_c.run(clients, total),
                           lambda: load_b.run(clients, total),
                           candidate_name="cross-model batching (merged)",
                           baseline_name="per-model batching (N models)",
                           repeats=repeats, warmup=1, target=3.0 if small_load else None)
-            runs, batched = (a - b for a, b in zip(_batch_totals(candidate), before))
+            runs, batched, busy_c = (a - b for a, b in zip(_batch_totals(candidate), before))
+            busy_b = _batch_totals(baseline)[2] - before_b[2]
             lat_c = load_c.latencies[-repeats * per:]   # the timed repeats, not the warmup
             lat_b = load_b.latencies[-repeats * per:]
             load_c.latencies.clear()
@@ -308,6 +319,10 @@ def _cells(report, label: str, n: int, names, merged: Path, config: Path, feeds,
                 "baseline_p50_ms": round(_percentile(lat_b, 50) * 1e3, 3),
                 "baseline_p99_ms": round(_percentile(lat_b, 99) * 1e3, 3),
                 "candidate_requests_per_run": round(batched / max(runs, 1), 2),
+                # Model runs in flight on average (time in runs / wall time): ~1 for the
+                # merged queue means the server is bound by its merged runs, not by gRPC.
+                "candidate_runs_in_flight": round(busy_c / max(load_c.wall_s - wall_c, 1e-9), 2),
+                "baseline_runs_in_flight": round(busy_b / max(load_b.wall_s - wall_b, 1e-9), 2),
                 "failures": load_c.failures + load_b.failures})
             report.add(row)
             for q in (50, 99):
@@ -317,10 +332,11 @@ def _cells(report, label: str, n: int, names, merged: Path, config: Path, feeds,
                     candidate_value=row.extra[f"candidate_p{q}_ms"],
                     baseline_value=row.extra[f"baseline_p{q}_ms"], higher_is_better=False,
                     target=1.0 if small_load and q == 99 else None))
-            LOG.info("%s: %.0f vs %.0f req/s (%.1f requests per merged run), p50 %.2f vs "
-                     "%.2f ms, p99 %.2f vs %.2f ms", case,
+            LOG.info("%s: %.0f vs %.0f req/s (%.1f requests per merged run, runs in flight "
+                     "%.2f vs %.2f), p50 %.2f vs %.2f ms, p99 %.2f vs %.2f ms", case,
                      row.extra["candidate_rps"], row.extra["baseline_rps"],
                      row.extra["candidate_requests_per_run"],
+                     row.extra["candidate_runs_in_flight"], row.extra["baseline_runs_in_flight"],
                      row.extra["candidate_p50_ms"], row.extra["baseline_p50_ms"],
                      row.extra["candidate_p99_ms"], row.extra["baseline_p99_ms"])
             xs.append(clients)

@@ -311,3 +311,6 @@ def test_prometheus_page_counts_requests_and_merged_batches(server, stubs):
     assert ':tensorflow:serving:request_latency_bucket{model_name="member0"' in text
     assert ':tfweave:serving:batch_size_count{model_name="merged"}' in text
     assert ':tfweave:serving:queue_depth{model_name="merged"}' in text
+    busy = next(l for l in text.splitlines()
+                if l.startswith(':tfweave:serving:batch_run_seconds{model_name="merged"}'))
+    assert float(busy.split()[-1]) > 0   # the merged runs above took some time

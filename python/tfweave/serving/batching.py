@@ -201,8 +201,10 @@ class ModelBatchQueue(_Queue):
             feeds = {k: (np.concatenate([t.inputs[k] for t in tasks]) if len(tasks) > 1
                          else tasks[0].inputs[k]) for k in tasks[0].inputs}
             total = sum(t.rows for t in tasks)
+            start = time.perf_counter()
             outputs = self._run(feeds, self._all_outputs)
-            self.scheduler.metrics.observe_batch(self.name, total, 1)
+            self.scheduler.metrics.observe_batch(self.name, total, 1,
+                                                 time.perf_counter() - start)
             for key, value in outputs.items():
                 if value.ndim == 0 or value.shape[0] != total:
                     raise internal(f"Batched output tensor '{key}' of model {self.name} has "
@@ -310,9 +312,11 @@ class MergedBatchQueue(_Queue):
         if not everyone:
             return
         try:
+            start = time.perf_counter()
             results = self.merged.run_members(per_member)
             self.scheduler.metrics.observe_batch(
-                self.name, len(everyone), sum(1 for tasks in per_member if tasks))
+                self.name, len(everyone), sum(1 for tasks in per_member if tasks),
+                time.perf_counter() - start)
             for tasks, member_outputs in zip(per_member, results):
                 offset = 0
                 for task in tasks:

@@ -48,6 +48,7 @@ class Metrics:
         self._batch = {}                             # model -> histogram of requests per run
         self._members = {}                           # model -> histogram of members per run
         self._runs = defaultdict(int)
+        self._run_seconds = defaultdict(float)      # model -> time spent running batches
         self.queue_depths = lambda: {}
 
     def observe_request(self, model: str, api: str, entrypoint: str, status: str,
@@ -60,9 +61,11 @@ class Metrics:
                 histogram = self._latency[key] = _Histogram(LATENCY_BUCKETS_US)
             histogram.observe(seconds * 1e6)
 
-    def observe_batch(self, model: str, requests: int, members: int) -> None:
+    def observe_batch(self, model: str, requests: int, members: int,
+                      seconds: float = 0.0) -> None:
         with self._lock:
             self._runs[model] += 1
+            self._run_seconds[model] += seconds
             for table, value in ((self._batch, requests), (self._members, members)):
                 histogram = table.get(model)
                 if histogram is None:
@@ -90,6 +93,12 @@ class Metrics:
             lines += ["# TYPE :tfweave:serving:batch_size histogram"]
             for model, h in sorted(self._batch.items()):
                 self._histogram(lines, ":tfweave:serving:batch_size", h, [("model_name", model)])
+            # Busy time of the model: its share of wall time says whether a server is bound
+            # by the model runs or by what happens around them (decoding, gRPC, waiting).
+            lines += ["# TYPE :tfweave:serving:batch_run_seconds counter"]
+            for model, seconds in sorted(self._run_seconds.items()):
+                lines.append(":tfweave:serving:batch_run_seconds" +
+                             _labels([("model_name", model)]) + f" {seconds:.6f}")
             lines += ["# TYPE :tfweave:serving:members_per_run histogram"]
             for model, h in sorted(self._members.items()):
                 self._histogram(lines, ":tfweave:serving:members_per_run", h,

@@ -7,6 +7,8 @@ content does not match its shape is an INVALID_ARGUMENT naming the input, not a 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
@@ -68,7 +70,7 @@ def from_tensor_proto(proto: tensor_pb2.TensorProto, what: str) -> np.ndarray:
                                "dimension; send a fully defined shape")
     shape = tuple(int(d.size) for d in shape_proto.dim)
     dtype = numpy_dtype(proto.dtype)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if proto.tensor_content and dtype is not np.object_:
         itemsize = np.dtype(dtype).itemsize
         if len(proto.tensor_content) != count * itemsize:

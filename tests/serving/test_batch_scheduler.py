@@ -1,0 +1,121 @@
+"""The batch scheduler's wake-ups, in process and without TensorFlow: a request that arrives
+while a merged run is in flight wakes no batch thread, yet no request is ever left behind
+(held requests share the next run, full batches start at once, timeouts still fire)."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from tfweave.serving.batching import MergedBatchQueue, ModelBatchQueue, SharedBatchScheduler, Task
+
+
+class _Metrics:
+    def __init__(self):
+        self.batches = []
+
+    def observe_batch(self, model, requests, members, seconds=0.0):
+        self.batches.append((model, requests, members))
+
+
+class _FakeMerged:
+    """run_members answers member i's rows with ``x * (i + 1)``; the first ``hold`` runs wait
+    for ``release`` so a test can submit while they are in flight."""
+
+    def __init__(self, num_members, hold=0):
+        self.num_members = num_members
+        self.member_names = [f"m{i}" for i in range(num_members)]
+        self.release = threading.Event()
+        self.started = threading.Semaphore(0)
+        self.runs: list[list[int]] = []     # requests per member, per run
+        self._hold = hold
+        self._lock = threading.Lock()
+
+    def run_members(self, per_member):
+        with self._lock:
+            self.runs.append([len(tasks) for tasks in per_member])
+            held = len(self.runs) <= self._hold
+        self.started.release()
+        if held:
+            assert self.release.wait(10), "the test never released the run"
+        return [{"y": np.concatenate([t.inputs["x"] for t in tasks]) * (i + 1)} if tasks else {}
+                for i, tasks in enumerate(per_member)]
+
+
+def _task(value, member=0, rows=1):
+    return Task({"x": np.full((rows, 2), value, np.float32)}, rows, ("y",), member=member)
+
+
+@pytest.fixture
+def scheduler():
+    scheduler = SharedBatchScheduler(2, _Metrics())
+    yield scheduler
+    scheduler.stop()
+
+
+def _merged_queue(scheduler, merged, *, max_batch_size=8, timeout_s=0.0):
+    return scheduler.add_queue(MergedBatchQueue(
+        scheduler, "merged", merged, max_batch_size=max_batch_size, timeout_s=timeout_s,
+        max_enqueued_batches=4, batching=True))
+
+
+def test_requests_arriving_during_a_merged_run_share_the_next_run(scheduler):
+    merged = _FakeMerged(4, hold=1)
+    queue = _merged_queue(scheduler, merged)
+    first = queue.submit(_task(1.0, member=0))
+    assert merged.started.acquire(timeout=10)
+    later = [queue.submit(_task(float(v), member=v % 4)) for v in range(2, 10)]
+    merged.release.set()
+    assert first.result(10)["y"].tolist() == [[1.0, 1.0]]
+    for v, future in zip(range(2, 10), later):
+        assert future.result(10)["y"].tolist() == [[v * (v % 4 + 1)] * 2]
+    assert merged.runs == [[1, 0, 0, 0], [2, 2, 2, 2]]
+
+
+def test_a_full_member_batch_starts_a_second_run_while_one_is_in_flight(scheduler):
+    merged = _FakeMerged(2, hold=1)
+    queue = _merged_queue(scheduler, merged, max_batch_size=2)
+    first = queue.submit(_task(1.0, member=1))
+    assert merged.started.acquire(timeout=10)
+    full = [queue.submit(_task(2.0, member=0)), queue.submit(_task(3.0, member=0))]
+    # The second run starts although the first is still held: a full batch does not wait.
+    assert merged.started.acquire(timeout=10)
+    assert [f.result(10)["y"].tolist() for f in full] == [[[2.0, 2.0]], [[3.0, 3.0]]]
+    assert not first.done()
+    merged.release.set()
+    assert first.result(10)["y"].tolist() == [[2.0, 2.0]]
+
+
+def test_a_lone_merged_request_runs_when_its_batch_timeout_expires(scheduler):
+    merged = _FakeMerged(3)
+    queue = _merged_queue(scheduler, merged, timeout_s=0.05)
+    assert queue.submit(_task(4.0, member=2)).result(10)["y"].tolist() == [[12.0, 12.0]]
+
+
+@pytest.mark.parametrize("timeout_s", [0.0, 0.002])
+def test_concurrent_submitters_lose_no_request(scheduler, timeout_s):
+    merged = _FakeMerged(8)
+    merged_queue = _merged_queue(scheduler, merged, timeout_s=timeout_s)
+    plain = scheduler.add_queue(ModelBatchQueue(
+        scheduler, "plain", lambda feeds, keys: {"y": feeds["x"] * 10}, max_batch_size=4,
+        timeout_s=timeout_s, max_enqueued_batches=1000, batching=True, output_keys=("y",)))
+    results = {}
+
+    def client(c):
+        for k in range(40):
+            value = float(c * 100 + k)
+            if c % 2:
+                got = merged_queue.submit(_task(value, member=c % 8)).result(10)["y"]
+                results[(c, k)] = (got, value * (c % 8 + 1))
+            else:
+                got = plain.submit(_task(value)).result(10)["y"]
+                results[(c, k)] = (got, value * 10)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(results) == 12 * 40
+    for got, expected in results.values():
+        assert got.tolist() == [[expected, expected]]
