@@ -5,19 +5,25 @@ Baselines, both as fast as stock TensorFlow gets without merging:
   (b) "one tf.function": a single tf.function that calls all N members on their inputs, so
       TensorFlow's executor sees all N graphs at once (inter-op parallelism, one dispatch).
 Candidate: the merged model's ``prefixed`` signature (what ``serving_default`` serves), fed each
-member's own batch.
+member's own batch: the stock merge ("merged"), and on the small encoder at batch 1 and 4 also
+``mode="grouped"`` ("merged (grouped)": projections as tfweave's GroupedMatMul, an opt-in that
+needs tfweave's op library where the model is served).
 
 Cells: a small encoder (L=4, H=256, seq 8) at N = 1/4/8/16/32 and batch 1/4/16; BERT-base
 (L=12, H=768, seq 16) at N = 4/8 and Keras ResNet-50 (224x224) at N = 4/8 (batched convs) and
 N = 4 (grouped convs), batch 1, to stay within the time budget. Memory: the merged
 model's weight bytes vs the N members' own. The small-encoder N=32 batch-1 cell also reports
 the run time over the memory-bandwidth bound (N x weight bytes / measured read bandwidth).
+
+``TFWEAVE_BENCH_NETFUSE=small-encoder`` runs the small-encoder cells only (a quick look while
+working on them; the results files then hold only those rows).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 
 import numpy as np
@@ -106,6 +112,10 @@ class _Baselines:
         return self.together(feeds)
 
 
+# The merge modes a cell measures: label in the rows -> merge() mode.
+CANDIDATES = {"merged": "stock", "merged (grouped)": "grouped"}
+
+
 def _merged_call(merged, feeds):
     flat = {f"m{i}_{k}": v for i, feed in enumerate(feeds) for k, v in feed.items()}
     fn = merged.signatures["prefixed"]
@@ -125,57 +135,74 @@ def _check_parity(merged, baselines, feeds):
 
 
 def _cells(report, label, models, frozen, merge_kwargs, counts, batches, make_feed, specs,
-           input_names, repeats, bandwidth=None, targets=None, flops=None):
+           input_names, repeats, bandwidth=None, targets=None, flops=None,
+           candidates=None):
+    """``candidates``: {row label: batches} for the merge modes in CANDIDATES (default: the
+    stock merge at every batch)."""
     from tfweave import netfuse
     rng = np.random.default_rng(0)
     member_bytes = _weight_bytes(models[0])
-    speedups: dict[int, dict[int, tuple[float, float]]] = {}
+    candidates = candidates or {"merged": batches}
+    speedups: dict[str, dict[int, dict[int, tuple[float, float]]]] = {}
     for count in counts:
-        start = time.perf_counter()
-        merged = netfuse.merge(frozen[:count], **merge_kwargs)
-        merge_s = time.perf_counter() - start
         baselines = _Baselines(models[:count], input_names, specs)
-        LOG.info("%s N=%d: merged in %.1f s", label, count, merge_s)
+        merges = {}
+        for name in candidates:
+            start = time.perf_counter()
+            merged = netfuse.merge(frozen[:count], mode=CANDIDATES[name], **merge_kwargs)
+            merges[name] = (merged, time.perf_counter() - start)
+            LOG.info("%s N=%d: %s in %.1f s", label, count, name, merges[name][1])
         for batch in batches:
             feeds = [make_feed(rng, batch) for _ in range(count)]
-            parity = _check_parity(merged, baselines, feeds)
-            case = f"{label}/N={count}/batch={batch}"
-            extra = {"merge_s": round(merge_s, 2), "max_abs_diff": parity}
-            target_a, target_b = (targets or {}).get((count, batch), (None, None))
-            merged_fn = _merged_call(merged, feeds)
-            row_a = report.add(compare(
-                case, merged_fn, lambda: baselines.sequential(feeds), candidate_name="merged",
-                baseline_name="sequential", repeats=repeats, target=target_a, extra=extra))
-            row_b = report.add(compare(
-                case, merged_fn, lambda: baselines.all_in_one(feeds), candidate_name="merged",
-                baseline_name="one tf.function", repeats=repeats, target=target_b,
-                extra=extra))
-            extra_b = row_b.extra
-            if bandwidth:
-                # The machine is shared: read bandwidth and matmul rate are re-measured right
-                # beside the cell, so the bound sees the same load as the merged run.
-                now_gbs = read_bandwidth_gbs()
-                merged_s = min(row_a.candidate_median_s, row_b.candidate_median_s)
-                bound = count * member_bytes / (now_gbs * 1e9)
-                extra_b["read_bandwidth_gbs"] = round(now_gbs, 1)
-                extra_b["bandwidth_bound_s"] = bound
-                extra_b["roofline_ratio"] = round(merged_s / bound, 2)
-                if flops:
-                    rate = gemm_gflops()
-                    compute = count * flops(models[0], batch) / (rate * 1e9)
-                    extra_b["gemm_gflops"] = round(rate, 1)
-                    extra_b["compute_bound_s"] = compute
-                    extra_b["bound_ratio"] = round(merged_s / max(bound, compute), 2)
-            speedups.setdefault(batch, {})[count] = (row_a.ratio_median, row_b.ratio_median)
-        report.add(ratio_row(
-            f"{label}/N={count}/weights", candidate_name="merged", baseline_name="separate",
-            candidate_value=float(merged.metadata["weight_bytes"]),
-            baseline_value=float(count * member_bytes), higher_is_better=False,
-            target=round(1 / 1.1, 3),
-            extra={"note": "ratio = separate bytes / merged bytes; target means merged <= 1.1x"}))
-        del merged, baselines
+            for name, (merged, merge_s) in merges.items():
+                if batch in candidates[name]:
+                    _cell(report, label, name, merged, merge_s, baselines, feeds, count, batch,
+                          member_bytes, repeats, bandwidth, targets, flops, models[0],
+                          speedups.setdefault(name, {}))
+        for name, (merged, _) in merges.items():
+            report.add(ratio_row(
+                f"{label}/N={count}/weights", candidate_name=name, baseline_name="separate",
+                candidate_value=float(merged.metadata["weight_bytes"]),
+                baseline_value=float(count * member_bytes), higher_is_better=False,
+                target=round(1 / 1.1, 3),
+                extra={"note": "ratio = separate bytes / merged bytes; target means merged "
+                               "<= 1.1x"}))
+        del merges, merged, baselines
         gc.collect()
     return speedups
+
+
+def _cell(report, label, name, merged, merge_s, baselines, feeds, count, batch, member_bytes,
+          repeats, bandwidth, targets, flops, model, speedups):
+    """One merged model on one batch against both baselines (and its bounds)."""
+    parity = _check_parity(merged, baselines, feeds)
+    case = f"{label}/N={count}/batch={batch}"
+    extra = {"merge_s": round(merge_s, 2), "max_abs_diff": parity}
+    target_a, target_b = (targets or {}).get((count, batch), (None, None))
+    merged_fn = _merged_call(merged, feeds)
+    row_a = report.add(compare(
+        case, merged_fn, lambda: baselines.sequential(feeds), candidate_name=name,
+        baseline_name="sequential", repeats=repeats, target=target_a, extra=extra))
+    row_b = report.add(compare(
+        case, merged_fn, lambda: baselines.all_in_one(feeds), candidate_name=name,
+        baseline_name="one tf.function", repeats=repeats, target=target_b, extra=dict(extra)))
+    extra_b = row_b.extra
+    if bandwidth:
+        # The machine is shared: read bandwidth and matmul rate are re-measured right
+        # beside the cell, so the bound sees the same load as the merged run.
+        now_gbs = read_bandwidth_gbs()
+        merged_s = min(row_a.candidate_median_s, row_b.candidate_median_s)
+        bound = count * member_bytes / (now_gbs * 1e9)
+        extra_b["read_bandwidth_gbs"] = round(now_gbs, 1)
+        extra_b["bandwidth_bound_s"] = bound
+        extra_b["roofline_ratio"] = round(merged_s / bound, 2)
+        if flops:
+            rate = gemm_gflops()
+            compute = count * flops(model, batch) / (rate * 1e9)
+            extra_b["gemm_gflops"] = round(rate, 1)
+            extra_b["compute_bound_s"] = compute
+            extra_b["bound_ratio"] = round(merged_s / max(bound, compute), 2)
+    speedups.setdefault(batch, {})[count] = (row_a.ratio_median, row_b.ratio_median)
 
 
 def _encoder_specs():
@@ -195,16 +222,23 @@ def _small_encoder(report, quick, bandwidth):
     frozen = [freeze_member(m, i) for i, m in enumerate(models)]
     LOG.info("small encoder: %d members built and frozen", len(models))
     targets = {(32, 1): (4.5, 1.5)}
+    candidates = {"merged": batches, "merged (grouped)": [b for b in batches if b <= 4]}
     speedups = _cells(report, "encoder-L4-H256-seq8", models, frozen, {}, counts, batches,
                       lambda rng, b: _token_feed(rng, b, 8, SMALL["vocab"]), _encoder_specs(),
                       ["token_ids", "padding_mask"], repeats=5 if quick else 9,
                       bandwidth=bandwidth, targets=targets,
-                      flops=lambda model, batch: _encoder_flops(model, batch, 8))
+                      flops=lambda model, batch: _encoder_flops(model, batch, 8),
+                      candidates=candidates)
     series = {}
-    for batch, by_count in speedups.items():
-        xs = sorted(by_count)
-        series[f"vs sequential, batch {batch}"] = (xs, [by_count[n][0] for n in xs])
-        series[f"vs one tf.function, batch {batch}"] = (xs, [by_count[n][1] for n in xs])
+    for name, by_batch in speedups.items():
+        for batch, by_count in by_batch.items():
+            if name != "merged" and batch != 1:
+                continue  # the plot stays readable: grouped at batch 1 only
+            tag = "" if name == "merged" else " (grouped)"
+            xs = sorted(by_count)
+            series[f"vs sequential, batch {batch}{tag}"] = (xs, [by_count[n][0] for n in xs])
+            series[f"vs one tf.function, batch {batch}{tag}"] = (xs,
+                                                                [by_count[n][1] for n in xs])
     report.plot("speedup_vs_n", series, xlabel="merged models N", ylabel="speedup (x)",
                 title="NetFuse, small encoder (L=4, H=256, seq 8)", logx=True)
     del models, frozen
@@ -266,12 +300,16 @@ def run(report, quick: bool) -> None:
         f"FLOPs / measured 2048^3 MatMul rate (gemm_gflops) and bound_ratio = merged time / "
         f"max(memory bound, compute bound)")
     _small_encoder(report, quick, bandwidth)
-    _bert_base(report, quick)
-    _resnet50(report, quick)
+    if os.environ.get("TFWEAVE_BENCH_NETFUSE") != "small-encoder":
+        _bert_base(report, quick)
+        _resnet50(report, quick)
     report.notes.append(
         "baselines: 'sequential' calls each member's own tf.function in turn; 'one "
         "tf.function' calls all N members inside one tf.function. Candidate: the merged "
-        "SavedModel's prefixed signature (stock ops).")
+        "SavedModel's prefixed signature: 'merged' = stock ops (what unmodified TF Serving "
+        "loads), 'merged (grouped)' = merge(mode='grouped'), projections by per-model weights "
+        "as tfweave's GroupedMatMul over [N, M, K] weights (opt-in; needs tfweave's op library "
+        "where it is served).")
     report.notes.append(
         "ResNet-50 is merged two ways: conv_strategy='grouped' (one grouped Conv2D for N "
         "members, the paper's GPU formulation) and 'batched' (1x1 convs as one BatchMatMulV2, "
