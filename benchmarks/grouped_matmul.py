@@ -1,5 +1,7 @@
 """GroupedMatMul against (a) padding every group to the largest + BatchMatMulV2, (b) a Python
-loop of MatMuls, and (c) one plain MatMul [T, K] x [K, M] as the speed of light.
+loop of MatMuls, and (c) one plain MatMul [T, K] x [K, M] as the speed of light; and, with few
+rows per group (a merged model's batch-1 run), its weight-streaming rate in GB/s against
+BatchMatMulV2 and the machine's read bandwidth.
 
 Every cell multiplies the same T real rows (so the same useful FLOPs) split into G groups, with
 K = M; group sizes are equal (T / G each) or ragged (drawn from 0..2T/G, then scaled to sum to
@@ -16,7 +18,7 @@ import logging
 
 import numpy as np
 
-from benchmarks.harness import compare
+from benchmarks.harness import compare, ratio_row
 
 LOG = logging.getLogger("benchmarks.grouped_matmul")
 
@@ -103,6 +105,82 @@ def _cell(report, tf, gmm, *, groups: int, depth: int, total_rows: int, ragged: 
     return {"vs_padded": padded.ratio_median, "speed_of_light": light.ratio_median}
 
 
+# Few rows per group, the merged-model case (32 members x 8 tokens): every weight meets only a
+# few rows, so the run streams the weights from memory and its GB/s is the figure of merit.
+# Several distinct weight sets per call keep the weights out of the 32 MB L3.
+FEW_ROWS_SHAPES = [(256, 256), (256, 768), (256, 1024), (1024, 256)]
+TARGET_BANDWIDTH_FRACTION = 0.8
+STREAMED_BYTES = 96 * 2**20
+
+
+def _few_rows_cell(report, tf, gmm, *, groups: int, rows: int, k: int, m: int, repeats: int,
+                   rng) -> None:
+    from benchmarks.netfuse import read_bandwidth_gbs
+    sets = max(2, -(-STREAMED_BYTES // (groups * k * m * 4)))
+    ws = [tf.constant(rng.standard_normal((groups, k, m), dtype=np.float32))
+          for _ in range(sets)]
+    ws_t = [tf.transpose(w, [0, 2, 1]) for w in ws]  # [G, M, K]
+    x = tf.constant(rng.standard_normal((groups * rows, k), dtype=np.float32))
+    x3 = tf.reshape(x, [groups, rows, k])
+    sizes = tf.fill([groups], rows)
+
+    def chained(multiply, inputs, weights):
+        # one product after the other, as layers run (independent products would run
+        # concurrently and share the two cores differently)
+        total = tf.constant(0.0)
+        for w in weights:
+            total += tf.reduce_sum(multiply(inputs + 0.0 * total, w))
+        return total
+
+    @tf.function
+    def as_mk():
+        return chained(lambda a, w: gmm.grouped_matmul(a, w, sizes, transpose_w=True), x, ws_t)
+
+    @tf.function
+    def as_km():
+        return chained(lambda a, w: gmm.grouped_matmul(a, w, sizes), x, ws)
+
+    @tf.function
+    def batched():
+        return chained(tf.linalg.matmul, x3, ws)  # BatchMatMulV2
+
+    expected = batched().numpy()
+    for fn in (as_mk, as_km):
+        np.testing.assert_allclose(fn().numpy(), expected, rtol=1e-3, atol=1e-1 * sets)
+    nbytes = sets * groups * k * m * 4
+    case = f"few-rows/G={groups}/rows={rows}/K={k}/M={m}"
+    extra = {"groups": groups, "rows_per_group": rows, "k": k, "m": m, "weight_sets": sets,
+             "weight_bytes_per_call": nbytes}
+    for name, fn in (("GroupedMatMul w [G, M, K]", as_mk), ("GroupedMatMul w [G, K, M]", as_km)):
+        row = report.add(compare(case, fn, batched, candidate_name=name,
+                                 baseline_name="BatchMatMulV2", repeats=repeats,
+                                 extra=dict(extra)))
+        gbs = nbytes / row.candidate_median_s / 1e9
+        now = read_bandwidth_gbs()  # re-measured beside the cell: the machine is shared
+        row.extra.update(candidate_gbs=round(gbs, 1),
+                         batch_matmul_gbs=round(nbytes / row.baseline_median_s / 1e9, 1),
+                         read_bandwidth_gbs=round(now, 1))
+        report.add(ratio_row(case, candidate_name=f"{name} GB/s",
+                             baseline_name="read bandwidth", candidate_value=round(gbs, 1),
+                             baseline_value=round(now, 1), higher_is_better=True,
+                             target=TARGET_BANDWIDTH_FRACTION))
+
+
+def _few_rows(report, tf, gmm, quick: bool, rng) -> None:
+    shapes = FEW_ROWS_SHAPES[:1] if quick else FEW_ROWS_SHAPES
+    for rows in ([8] if quick else [8, 32]):
+        for k, m in shapes:
+            LOG.info("grouped_matmul: few rows, G=32 x %d rows, K=%d M=%d", rows, k, m)
+            _few_rows_cell(report, tf, gmm, groups=32, rows=rows, k=k, m=m,
+                           repeats=5 if quick else 11, rng=rng)
+    report.notes.append(
+        "few-rows cells: 32 groups of 8 (or 32) rows, the merged small encoder's shapes; each "
+        "call multiplies by enough distinct weight sets (>= 96 MB) that they stream from "
+        "memory; candidate GB/s = weight bytes / median time, against the read bandwidth "
+        "measured right beside it (512 MB tf.reduce_sum, best of 5). Target: 0.8 of it. "
+        "w as [G, M, K] (transpose_w) is the layout netfuse's grouped and ragged modes store.")
+
+
 def run(report, quick: bool) -> None:
     import tensorflow as tf
 
@@ -143,6 +221,7 @@ def run(report, quick: bool) -> None:
         "BatchMatMulV2's): a ragged draw whose largest group is close to the mean leaves "
         "little padding to save, so the 1.5x target can only be met where padding_overhead "
         "is above ~1.5.")
+    _few_rows(report, tf, gmm, quick, rng)
     report.plot("ratio_vs_groups", curves, xlabel="groups G",
                 ylabel="GroupedMatMul ratio (median; > 1 is faster)",
                 title=f"ragged groups, T = {total_rows}", logx=True)
