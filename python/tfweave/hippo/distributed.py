@@ -41,6 +41,22 @@ def is_worker() -> bool:
     return dist_utils.has_chief_oracle() and not dist_utils.is_chief_oracle()
 
 
+# gRPC's default reconnect back-off grows from 1 s by 1.6x (with jitter): a worker started
+# before its chief, or waiting out a chief restart, would notice the chief seconds late.
+_RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 50),
+                      ("grpc.min_reconnect_backoff_ms", 50),
+                      ("grpc.max_reconnect_backoff_ms", 250)]
+
+
+def _fast_reconnecting_stub():
+    import grpc
+    from keras_tuner.src import protos
+
+    address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
+    channel = grpc.insecure_channel(address, options=_RECONNECT_OPTIONS)
+    return protos.get_service_grpc().OracleStub(channel)
+
+
 class BackoffOracleClient:
     """Wraps KerasTuner's ``OracleClient``: waits with back-off on IDLE, survives chief restarts."""
 
@@ -52,6 +68,8 @@ class BackoffOracleClient:
         self._client = client
         self.min_delay, self.max_delay, self.retry_seconds = min_delay, max_delay, retry_seconds
         self.idle_waits = 0  # how many IDLE answers were waited out (tests read it)
+        if hasattr(client, "stub") and os.environ.get("KERASTUNER_ORACLE_IP"):
+            client.stub = _fast_reconnecting_stub()
 
     def __getattr__(self, name):
         if name in self._CALLS:
