@@ -44,10 +44,10 @@ from keras_tuner.src.engine import tuner_utils
 
 from tfweave.hippo import checkpoints, distributed, storage
 from tfweave.hippo.epoch_data import EpochData
-from tfweave.hippo.oracle import (CLOCK_PHASE_SECONDS, CKPT_BYTES_METRIC, CKPT_SECONDS_METRIC, FINISHED_AT_METRIC,
-                                  FIT_SECONDS_METRIC, LOAD_SECONDS_METRIC, META, SECONDS_METRIC,
-                                  STARTED_AT_METRIC, STEPS_METRIC, StageTreeOracle,
-                                  space_fingerprint)
+from tfweave.hippo.oracle import (CKPT_BYTES_METRIC, CKPT_SECONDS_METRIC, CLOCK_PHASE_SECONDS,
+                                  FINISHED_AT_METRIC, FIT_SECONDS_METRIC, LOAD_SECONDS_METRIC,
+                                  META, SECONDS_METRIC, STARTED_AT_METRIC, STEPS_METRIC,
+                                  StageTreeOracle, _inferred_direction, space_fingerprint)
 
 LOG = logging.getLogger("tfweave.hippo")
 # Schedules whose change needs no retrace: a variable, or the input pipeline.
@@ -452,9 +452,8 @@ def _record_metrics(trial, reports, objective) -> None:
                              f"expected: {missing}, found: {metrics.keys()}")
         for name, value in metrics.items():
             if not trial.metrics.exists(name):
-                trial.metrics.register(
-                    name, direction=kt_oracle._maybe_infer_direction_from_objective(objective,
-                                                                                   name))
+                direction = kt_oracle._maybe_infer_direction_from_objective(objective, name)
+                trial.metrics.register(name, direction=direction or _inferred_direction(name))
             trial.metrics.update(name, value, step=epoch)
 
 
