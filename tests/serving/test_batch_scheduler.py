@@ -119,3 +119,44 @@ def test_concurrent_submitters_lose_no_request(scheduler, timeout_s):
     assert len(results) == 12 * 40
     for got, expected in results.values():
         assert got.tolist() == [[expected, expected]]
+
+
+def test_a_queue_allowed_two_runs_in_flight_starts_a_second_without_a_full_batch(scheduler):
+    merged = _FakeMerged(2, hold=1)
+    queue = scheduler.add_queue(MergedBatchQueue(
+        scheduler, "merged", merged, max_batch_size=8, timeout_s=0.0, max_enqueued_batches=4,
+        batching=True, max_in_flight=2))
+    first = queue.submit(_task(1.0, member=0))
+    assert merged.started.acquire(timeout=10)
+    second = queue.submit(_task(2.0, member=1))
+    assert second.result(10)["y"].tolist() == [[4.0, 4.0]]   # ran beside the held first run
+    merged.release.set()
+    assert first.result(10)["y"].tolist() == [[1.0, 1.0]]
+    assert merged.runs == [[1, 0], [0, 1]]
+
+
+def test_sessions_pinned_to_one_intra_op_thread_allow_one_merged_run_per_core(tmp_path):
+    import os
+
+    import tensorflow as tf
+
+    from tfweave.serving.backends import SessionModel
+
+    class Doubler(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": x * 2}
+
+    module = Doubler()
+    tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": module.serve})
+    pinned = SessionModel(str(tmp_path / "1"), tf.compat.v1.ConfigProto(
+        intra_op_parallelism_threads=1))
+    default = SessionModel(str(tmp_path / "1"), tf.compat.v1.ConfigProto())
+    try:
+        assert pinned.concurrent_runs == max(1, os.cpu_count() or 1)
+        assert default.concurrent_runs == 1
+        x = np.arange(6, dtype=np.float32).reshape(3, 2)
+        assert pinned.run("serving_default", {"x": x}, ("y",))["y"].tolist() == (x * 2).tolist()
+    finally:
+        pinned.close()
+        default.close()

@@ -69,6 +69,9 @@ class LoadedModel:
 
     path: str
     signature_defs: dict
+    # How many runs can share the machine without slowing each other: a merged queue keeps
+    # at most this many merged runs in flight.
+    concurrent_runs: int = 1
 
     def run(self, signature_name: str, feeds: dict[str, np.ndarray],
             output_keys: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -91,6 +94,10 @@ class SessionModel(LoadedModel):
         self._callables: dict = {}
         self._lock = threading.Lock()
         self._op_error = tf.errors.OpError
+        # A run that uses all cores (intra_op_parallelism 0) gains nothing from company; runs
+        # pinned to fewer threads can run side by side, one per share of the cores.
+        intra = session_config.intra_op_parallelism_threads if session_config else 0
+        self.concurrent_runs = max(1, (os.cpu_count() or 1) // intra) if intra > 0 else 1
 
     def _callable(self, signature_name, input_keys, output_keys):
         key = (signature_name, input_keys, output_keys)

@@ -12,7 +12,9 @@ request is oldest, forms the batch under the scheduler's lock and runs it outsid
   graph once and returns every request its own slice. Members with no request get a zero-row
   input when the merged graph accepts it, otherwise rows of zeros (see ``MergedModel``); a
   ragged merged model runs only the busy members' rows. A merged queue keeps one run in flight
-  (two once a full batch waits), so requests arriving during a run are batched into the next.
+  (two once a full batch waits), so requests arriving during a run are batched into the next;
+  a model whose session uses one of several cores per run (``intra_op_parallelism``) keeps
+  one run in flight per share of the cores.
 
 Back-pressure: a queue holds at most ``max_batch_size * max_enqueued_batches`` rows (per
 member for merged queues); a request beyond that fails at once with RESOURCE_EXHAUSTED (REST
@@ -223,7 +225,7 @@ class MergedBatchQueue(_Queue):
     """Cross-model batching for one merged model version: one sub-queue per member."""
 
     def __init__(self, scheduler, name, merged, *, max_batch_size, timeout_s,
-                 max_enqueued_batches, batching):
+                 max_enqueued_batches, batching, max_in_flight: int = 1):
         super().__init__(scheduler, name, max_batch_size, timeout_s, max_enqueued_batches,
                          batching)
         self.merged = merged  # servables.MergedModel: run_members(per_member_tasks)
@@ -234,7 +236,9 @@ class MergedBatchQueue(_Queue):
         # One merged run in flight at a time (a second only once a full batch waits): the
         # requests that arrive during a run then join the next run together, instead of
         # another batch thread starting a run of one or two beside it (both runs then share
-        # the cores, and each computes only a sliver of the members).
+        # the cores, and each computes only a sliver of the members). A session pinned to
+        # fewer intra-op threads than cores allows one run per share of the cores.
+        self.max_in_flight = max(1, max_in_flight)
         self._in_flight = 0
         self._full_members = 0   # members holding a full batch (kept as requests come and go)
 
@@ -252,12 +256,14 @@ class MergedBatchQueue(_Queue):
             # While a run is in flight a request only waits for it (the run's end wakes a
             # batch thread); waking one per request would find nothing to do, at a GIL
             # round trip each.
-            if not (self.batching and self._in_flight and not self._full_members):
+            if not (self.batching and self._in_flight >= self.max_in_flight
+                    and not self._full_members):
                 self.scheduler.cv.notify()
         return task.future
 
     def oldest(self):
-        if not self._waiting or (self.batching and self._in_flight and not self.full()):
+        if not self._waiting or (self.batching and self._in_flight >= self.max_in_flight
+                                 and not self.full()):
             return None
         return min(q[0].enqueued for q in self._tasks if q)
 

@@ -200,7 +200,8 @@ class MergedModel:
         self.queue = scheduler.add_queue(MergedBatchQueue(
             scheduler, name, self, max_batch_size=params.max_batch_size,
             timeout_s=params.batch_timeout_micros / 1e6,
-            max_enqueued_batches=params.max_enqueued_batches, batching=batching is not None))
+            max_enqueued_batches=params.max_enqueued_batches, batching=batching is not None,
+            max_in_flight=getattr(model, "concurrent_runs", 1)))
 
     def _split_keys(self, tensor_map, what) -> list[list[str]]:
         per_member: list[set] = [set() for _ in range(self.num_members)]
