@@ -186,6 +186,8 @@ class _WakingServicer:
             return response
 
     def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
         method = getattr(self._stock, name)
 
         def serialised(request, context):
