@@ -281,8 +281,9 @@ def _batch_totals(server: _Server) -> tuple[float, float, float]:
 
 def _cells(report, label: str, n: int, names, merged: Path, config: Path, feeds,
            client_counts, total_for, repeats: int, batching: Path, root: Path,
-           throughput: dict, histograms: dict) -> None:
-    common = ["--enable_batching", "--batching_parameters_file", str(batching)]
+           throughput: dict, histograms: dict, server_args: tuple[str, ...] = ()) -> None:
+    common = ["--enable_batching", "--batching_parameters_file", str(batching),
+              *server_args]
     candidate, baseline = _start_pair(
         ["--model_name", "merged", "--model_base_path", str(merged)] + common,
         ["--model_config_file", str(config)] + common, root)
@@ -382,6 +383,14 @@ def run(report, quick: bool) -> None:
             _cells(report, "encoder-L4-H256-seq8", n, names, merged, config, encoder_feeds,
                    client_counts, (lambda c: 100) if quick else (lambda c: max(300, 8 * c)),
                    repeats, batching, root, throughput, histograms)
+            if n == 32:
+                # Both servers again with one intra-op thread per run: with the default (all
+                # cores per run) the per-model baseline's two batch threads oversubscribe the
+                # cores, so this is each side's better setting, still identical for both.
+                _cells(report, "encoder-L4-H256-seq8/intra_op=1", n, names, merged, config,
+                       encoder_feeds, [16, 32, 64], lambda c: max(300, 8 * c), repeats,
+                       batching, root, throughput, histograms,
+                       server_args=("--tensorflow_intra_op_parallelism", "1"))
         report.notes.append(
             "encoder-L4-H256-seq8: netfuse.architectures.bert_encoder (L=4, H=256, 4 heads, "
             "FFN 1024, vocab 1000), members perturbed like fine-tuned copies, exported with "
