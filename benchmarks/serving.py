@@ -354,6 +354,48 @@ def _cells(report, label: str, n: int, names, merged: Path, config: Path, feeds,
         baseline.stop()
 
 
+def _compute_bound(report, member_dir: Path, merged_dir: Path, feeds, n: int) -> None:
+    """The ceiling behind the serving ratio: CPU time per request of the model runs alone
+    (in this process, no gRPC), a member's own run of one row vs ragged merged runs with one
+    row for each of k members, one intra-op thread each so CPU time is not inflated by idle
+    spinning threads. The serving ratio can approach this only where the per-request front-end
+    cost (equal on both sides) is small next to both."""
+    from tfweave.serving.backends import EmbeddedBackend
+
+    backend = EmbeddedBackend(intra_op_threads=1)
+    member = backend.load(str(member_dir), "member", 1)
+    merged = backend.load(str(merged_dir), "merged", 1)
+    member_outputs = tuple(sorted(member.signature_defs["serving_default"].outputs))
+    ragged_outputs = tuple(sorted(merged.signature_defs["ragged"].outputs))
+    cases = {"member": (lambda: member.run("serving_default", feeds, member_outputs), 1)}
+    for k in (n // 2, n):
+        sizes = np.zeros(n, np.int32)
+        sizes[:k] = 1
+        ragged = {key: np.repeat(value, k, axis=0) for key, value in feeds.items()}
+        ragged["group_sizes"] = sizes
+        cases[f"k={k}"] = ((lambda f=ragged: merged.run("ragged", f, ragged_outputs)), k)
+    for fn, _ in cases.values():
+        fn()
+    cpu = {name: [] for name in cases}
+    for _ in range(15):
+        for name, (fn, k) in cases.items():
+            start = time.process_time()
+            fn()
+            cpu[name].append((time.process_time() - start) / k)
+    member_ms = float(np.median(cpu["member"])) * 1e3
+    for k in (n // 2, n):
+        merged_ms = float(np.median(cpu[f"k={k}"])) * 1e3
+        report.add(ratio_row(
+            f"model-runs-only/encoder-L4-H256-seq8/N={n}/busy={k}",
+            candidate_name="merged ragged run, CPU ms per request",
+            baseline_name="member run, CPU ms per request", candidate_value=round(merged_ms, 3),
+            baseline_value=round(member_ms, 3), higher_is_better=False))
+        LOG.info("model runs only: member %.2f vs merged (%d busy) %.2f CPU ms per request",
+                 member_ms, k, merged_ms)
+    member.close()
+    merged.close()
+
+
 def run(report, quick: bool) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -391,6 +433,8 @@ def run(report, quick: bool) -> None:
                        encoder_feeds, [16, 32, 64], lambda c: max(300, 8 * c), repeats,
                        batching, root, throughput, histograms,
                        server_args=("--tensorflow_intra_op_parallelism", "1"))
+                _compute_bound(report, member_root / names[0] / "1", merged / "1",
+                               encoder_feeds, n)
         report.notes.append(
             "encoder-L4-H256-seq8: netfuse.architectures.bert_encoder (L=4, H=256, 4 heads, "
             "FFN 1024, vocab 1000), members perturbed like fine-tuned copies, exported with "
@@ -398,6 +442,10 @@ def run(report, quick: bool) -> None:
             "(served through its 'ragged' signature: only members with requests are computed); "
             "1 request = 1 row of 8 tokens.")
         if not quick:
+            report.notes.append(
+                "model-runs-only rows: CPU time per request of the model runs alone, in the "
+                "benchmark process (no gRPC, one intra-op thread): the ceiling for the serving "
+                "ratio, which adds an equal per-request front-end cost to both sides.")
             root = work / "mlp-n32"
             names, merged, config = _write_mlp_models(root, 32)
             x = np.random.default_rng(0).standard_normal((1, IN_DIM)).astype(np.float32)
