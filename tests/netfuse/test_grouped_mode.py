@@ -53,6 +53,9 @@ def test_grouped_mode_replaces_every_dense_projection_by_grouped_matmul(rng):
     left = ops.count("Einsum") + ops.count("BatchMatMulV2") + ops.count("MatMul")
     assert ops.count("GroupedMatMul") >= 6  # q, k, v, output, two feed-forward (+ pooler)
     assert left + ops.count("GroupedMatMul") == projections
+    # every projection's bias is folded in (through the Tensordot reshape too); the products
+    # without bias are left unused in the trace and pruned when the function runs
+    assert ops.count("GroupedMatMulBias") == ops.count("GroupedMatMul")
     assert "GroupedMatMul" not in stock_ops
     assert grouped.metadata["op_libraries"] == ["grouped_matmul"]
     assert grouped.metadata["mode"] == "grouped"

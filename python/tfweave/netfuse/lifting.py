@@ -400,6 +400,10 @@ def elementwise(lx: Lifter, node, ins, op_type=None):
 
 @rule(*BINARY_OPS)
 def _binary(lx, node, ins):
+    if node.op in ("Add", "AddV2"):
+        fused = _grouped_bias(lx, node, ins)
+        if fused is not None:
+            return fused
     return elementwise(lx, node, ins)
 
 
@@ -433,6 +437,9 @@ def _add_n(lx, node, ins):
 
 @rule("BiasAdd", "BiasAddV1")
 def _bias_add(lx, node, ins):
+    fused = _grouped_bias(lx, node, ins)
+    if fused is not None:
+        return fused
     x, bias = ins
     data_format = node.attr["data_format"].s.decode() if "data_format" in node.attr else "NHWC"
     rank = lx.rank(x, node)
@@ -476,9 +483,46 @@ def _grouped_projection(lx: Lifter, x: Value, w: Value, contracted: int, w_trans
     rows = tf.reshape(xt, tf.stack([-1, k]))
     sizes = tf.fill([lx.n], tf.shape(rows)[0] // lx.n)
     out = grouped_matmul(rows, weight, sizes, transpose_w=True)
-    out = tf.reshape(out, tf.concat([free, tf.constant(m_shape, tf.int32)], 0))
-    out.set_shape(x_static[:len(x_static) - contracted] + m_shape)
+    target = tf.concat([free, tf.constant(m_shape, tf.int32)], 0)
+    out = tf.reshape(out, target)
+    static = x_static[:len(x_static) - contracted] + m_shape
+    out.set_shape(static)
+    # A bias added next is folded into the product (see _grouped_bias).
+    _grouped_products(lx)[out.ref()] = (rows, weight, sizes, target, m_shape, static)
     return [Value(STACKED, out)]
+
+
+def _grouped_products(lx: Lifter) -> dict:
+    """GroupedMatMul products a bias may still be folded into: output tensor ref -> (rows,
+    weight, sizes, output shape tensor, bias shape, static output shape)."""
+    return lx.__dict__.setdefault("_grouped_products", {})
+
+
+def _grouped_bias(lx: Lifter, node, ins):
+    """``product + bias`` where the product is a GroupedMatMul and the bias a per-model
+    ``[M...]``: one GroupedMatMulBias (the product without bias is left unused and pruned).
+    Returns None when the pattern does not apply."""
+    import tensorflow as tf
+    from tfweave.ops.grouped_matmul import grouped_matmul
+    products = _grouped_products(lx)
+    if not products or len(ins) != 2:
+        return None
+    if node.op.startswith("BiasAdd") and "data_format" in node.attr and \
+            node.attr["data_format"].s.decode().startswith("NC"):
+        return None
+    pairs = [(ins[0], ins[1])] if node.op.startswith("BiasAdd") else [ins, ins[::-1]]
+    for x, b in pairs:
+        if x.kind != STACKED or b.kind != MODEL_CONST or x.tensor.ref() not in products:
+            continue
+        rows, weight, sizes, target, m_shape, static = products[x.tensor.ref()]
+        if list(lx.shape(b)) != list(m_shape) or b.array.dtype != np.float32:
+            continue
+        m = int(np.prod(m_shape))
+        bias = lx.weight(b, "grouped_bias", lambda a: a.reshape(a.shape[0], m))
+        out = tf.reshape(grouped_matmul(rows, weight, sizes, bias, transpose_w=True), target)
+        out.set_shape(static)
+        return [Value(STACKED, out)]
+    return None
 
 
 def grouped_weight(lx: Lifter, w: Value, contracted: int, transposed: bool):
@@ -863,7 +907,18 @@ def _rank(lx, node, ins):
 def _reshape(lx, node, ins):
     x, shape = ins
     _require_shared(node, shape, "target shape")
-    return [Value(STACKED, lx.clone(node, [lx.stacked(x), _prepend(lx, shape, lx.n)])[0])]
+    target = _prepend(lx, shape, lx.n)
+    out = lx.clone(node, [lx.stacked(x), target])[0]
+    products = _grouped_products(lx)
+    if x.kind == STACKED and x.tensor.ref() in products:
+        # Dense on 3-D inputs (Tensordot): MatMul, Reshape, then the bias. The rows are the
+        # same while the last axis stays M, so the bias can still be folded in.
+        rows, weight, sizes, _, m_shape, _ = products[x.tensor.ref()]
+        m = int(np.prod(m_shape))
+        static = _static(out.shape)
+        if static and static[-1] == m:
+            products[out.ref()] = (rows, weight, sizes, target, [m], static)
+    return [Value(STACKED, out)]
 
 
 @rule("Transpose")
