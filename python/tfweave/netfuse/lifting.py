@@ -541,8 +541,10 @@ def grouped_weight(lx: Lifter, w: Value, contracted: int, transposed: bool):
 
 
 def _grouped_candidate(lx: Lifter, x: Value, w: Value) -> bool:
+    # float32 only: other dtypes keep the batched stock form (GroupedMatMul computes bfloat16
+    # and half in float, and has no double kernel)
     return lx.grouped_matmul and x.per_model and x.kind != MODEL_CONST and \
-        w.kind == MODEL_CONST
+        w.kind == MODEL_CONST and w.array.dtype == np.float32
 
 
 @rule("MatMul")
