@@ -66,3 +66,21 @@ def test_choice_matches_a_brute_force_longest_path_on_random_trees(tmp_path, see
     chosen = oracle._next_stage()
     best = max(_longest_below(tree, n.id) for n in tree.ready())
     assert _longest_below(tree, chosen.id) == best
+
+
+@pytest.mark.parametrize("scheduling", ["critical_path", "depth_first"])
+def test_a_worker_continues_from_the_stage_it_finished_not_from_another_workers(
+        tmp_path, scheduling):
+    from tests.hippo.oracle_driver import Driver, lr_space, make_oracle
+
+    # Two first stages (one per initial rate): once both are done, their continuations tie.
+    oracle = make_oracle(tmp_path, lr_space(initial=(0.1, 0.03)), max_epochs=10,
+                         scheduling=scheduling)
+    driver = Driver(oracle)
+    mine, theirs = oracle.create_trial("tuner0"), oracle.create_trial("tuner1")
+    driver.run_stage(mine)
+    driver.run_stage(theirs)  # tuner1 reports last
+    stage_of = lambda trial: trial.hyperparameters.values["hippo/stage"]  # noqa: E731
+    parent_of = lambda trial: trial.hyperparameters.values["hippo/parent"]  # noqa: E731
+    assert parent_of(oracle.create_trial("tuner0")) == stage_of(mine)
+    assert parent_of(oracle.create_trial("tuner1")) == stage_of(theirs)

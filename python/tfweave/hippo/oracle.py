@@ -159,6 +159,7 @@ class StageTreeOracle(keras_tuner.Oracle):
         # restarted chief's timeline starts at the restart.
         self._timeline: list[dict] = []
         self._requesting_tuner = None  # the tuner whose create_trial is being answered
+        self._last_done_by: dict[str, str] = {}  # tuner id -> the stage it finished last
         self.tree = StageTree()
         self.paths: dict[str, dict] = {}
         self._path_trials: dict[str, trial_module.Trial] = {}
@@ -379,11 +380,18 @@ class StageTreeOracle(keras_tuner.Oracle):
             # Equal estimates go to the longer chain of stages: each stage adds a hand-out
             # and a report, and a chain cannot be split over workers.
             remaining, chain = self.remaining_seconds(), self.remaining_stages()
+            warm = self._warm_stage()
             return max(ready, key=lambda n: (round(remaining[n.id], 9), chain[n.id],
-                                             n.parent == self._last_done, n.start, -order[n.id]))
+                                             n.parent == warm, n.start, -order[n.id]))
         # Depth first from the stage just finished: its state is still in the tuner's memory and
         # its trials reach their ends (and scores) sooner.
-        return max(ready, key=lambda n: (n.parent == self._last_done, n.start, -order[n.id]))
+        warm = self._warm_stage()
+        return max(ready, key=lambda n: (n.parent == warm, n.start, -order[n.id]))
+
+    def _warm_stage(self):
+        """The stage whose end state the asking worker's model holds: the last one it finished
+        (a stage continuing from it needs no checkpoint load)."""
+        return self._last_done_by.get(self._requesting_tuner, self._last_done)
 
     # --- critical path -------------------------------------------------------------------------------
     def step_seconds(self) -> float:
@@ -634,6 +642,8 @@ class StageTreeOracle(keras_tuner.Oracle):
         """One entry per stage run: when the chief handed it out and heard back, and the
         worker's own clock of load, fit and checkpoint save (``hippo.timeline`` reads them)."""
         entry = self._timeline_open.pop(trial.trial_id, None) or {"stage": node.id}
+        if entry.get("tuner"):
+            self._last_done_by[entry["tuner"]] = node.id
         entry.update({"stage": node.id, "ended": ended, "steps": node.steps,
                       "seconds": node.seconds,
                       "load": float(extras.get(LOAD_SECONDS_METRIC, 0.0)),
