@@ -297,7 +297,7 @@ def _stock_distributed(report, quick: bool, directory: str, hippo_run: dict) -> 
     report.notes.append(
         f"{case}: stock ran {stock['trials']} of {space.size} trials ({stock['steps']} steps, "
         f"makespan {stock['makespan_seconds']:.1f} s"
-        + (f"; its rows scale both by {scale:.0f} to the whole grid: a full stock run is "
+        + (f"; its rows scale both by {scale:.1f} to the whole grid: a full stock run is "
            f"{stock['makespan_seconds'] * scale / 60:.0f} min here" if scale != 1 else "")
         + "). Stock KerasTuner's GridSearch oracle answers IDLE while a trial runs and its "
           "next grid point is not computed yet, so its two workers take turns (one trains, "
