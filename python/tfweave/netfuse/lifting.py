@@ -121,6 +121,9 @@ class Lifter:
         self.store = store
         # Projections by per-model weights run as tfweave's GroupedMatMul (mode="grouped").
         self.grouped_matmul = grouped_matmul
+        # GroupedMatMul products a following bias may still be folded into: output tensor ref ->
+        # (rows, weight, sizes, output shape tensor, bias shape, static output shape).
+        self.grouped_products: dict = {}
         self.use_channels = use_channels and conv_strategy == "grouped"
         self.conv_strategy = conv_strategy
 
@@ -488,14 +491,8 @@ def _grouped_projection(lx: Lifter, x: Value, w: Value, contracted: int, w_trans
     static = x_static[:len(x_static) - contracted] + m_shape
     out.set_shape(static)
     # A bias added next is folded into the product (see _grouped_bias).
-    _grouped_products(lx)[out.ref()] = (rows, weight, sizes, target, m_shape, static)
+    lx.grouped_products[out.ref()] = (rows, weight, sizes, target, m_shape, static)
     return [Value(STACKED, out)]
-
-
-def _grouped_products(lx: Lifter) -> dict:
-    """GroupedMatMul products a bias may still be folded into: output tensor ref -> (rows,
-    weight, sizes, output shape tensor, bias shape, static output shape)."""
-    return lx.__dict__.setdefault("_grouped_products", {})
 
 
 def _grouped_bias(lx: Lifter, node, ins):
@@ -504,7 +501,7 @@ def _grouped_bias(lx: Lifter, node, ins):
     Returns None when the pattern does not apply."""
     import tensorflow as tf
     from tfweave.ops.grouped_matmul import grouped_matmul
-    products = _grouped_products(lx)
+    products = lx.grouped_products
     if not products or len(ins) != 2:
         return None
     if node.op.startswith("BiasAdd") and "data_format" in node.attr and \
@@ -911,7 +908,7 @@ def _reshape(lx, node, ins):
     _require_shared(node, shape, "target shape")
     target = _prepend(lx, shape, lx.n)
     out = lx.clone(node, [lx.stacked(x), target])[0]
-    products = _grouped_products(lx)
+    products = lx.grouped_products
     if x.kind == STACKED and x.tensor.ref() in products:
         # Dense on 3-D inputs (Tensordot): MatMul, Reshape, then the bias. The rows are the
         # same while the last axis stays M, so the bias can still be folded in.
