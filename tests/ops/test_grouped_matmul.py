@@ -1,6 +1,7 @@
 """GroupedMatMul against an independent per-group reference (NumPy and tf.matmul per group)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -271,3 +272,79 @@ def test_saved_model_reloads_in_a_fresh_process_once_the_library_is_loaded(gmm, 
     output = np.array(json.loads(next(l for l in lines if l.startswith("OUTPUT "))[7:]))
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     np.testing.assert_allclose(output, _numpy_reference(x, w, np.array([1, 2])), rtol=1e-5)
+
+
+def _activated_reference(z, activation):
+    if activation == "relu":
+        return np.maximum(z, 0.0)
+    return 0.5 * z * (1.0 + np.vectorize(math.erf, otypes=[np.float64])(z / math.sqrt(2.0)))
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_bias_activation_epilogue_matches_activation_of_the_float64_product(
+        gmm, activation, transpose_w):
+    # m = 37 leaves a masked remainder after two 16-wide vectors; 200 rows split into tiles
+    sizes = [3, 0, 150, 47]
+    x, w, bias = _problem(sizes, k=70, m=37, seed=21)
+    w_arg = np.ascontiguousarray(w.transpose(0, 2, 1)) if transpose_w else w
+    y = gmm.grouped_matmul(x, w_arg, sizes, bias=bias, transpose_w=transpose_w,
+                           activation=activation).numpy()
+    want = _activated_reference(_numpy_reference(x, w, sizes, bias), activation)
+    np.testing.assert_allclose(y, want, atol=2e-4, rtol=1e-5)
+
+
+def test_gelu_epilogue_is_within_a_micro_of_exact_gelu_across_its_range(gmm):
+    z = np.linspace(-12.0, 12.0, 24001).astype(np.float32).reshape(-1, 1)
+    y = gmm.grouped_matmul(z, np.ones((1, 1, 1), np.float32), [z.shape[0]],
+                           bias=np.zeros((1, 1), np.float32), activation="gelu").numpy()
+    exact = _activated_reference(z.astype(np.float64), "gelu")
+    assert np.abs(y - exact).max() < 1e-6
+    # as close as TensorFlow's own exact GELU is
+    ours = np.abs(y - exact).max()
+    theirs = np.abs(tf.nn.gelu(z, approximate=False).numpy() - exact).max()
+    assert ours < 3 * theirs + 1e-7
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_gradients_through_the_activation_match_numeric_gradients(gmm, activation):
+    sizes = tf.constant([2, 0, 3])
+    x, w, bias = _problem(sizes.numpy(), k=4, m=3, seed=22)
+    x, w, bias = (tf.constant(a, tf.float32) for a in (x, w, bias))
+    # keep pre-activations away from ReLU's kink, where a finite difference is meaningless
+    bias = bias + tf.sign(bias) * 0.5
+
+    def f(x, w, b):
+        return gmm.grouped_matmul(x, w, sizes, bias=b, activation=activation)
+
+    theoretical, numerical = tf.test.compute_gradient(f, [x, w, bias], delta=1e-3)
+    for t, n in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, n, atol=2e-2, rtol=2e-2)
+
+
+def test_gelu_gradient_agrees_with_tf_nn_gelu_on_the_per_group_product(gmm):
+    sizes = [4, 1, 6]
+    x, w, bias = (tf.Variable(a) for a in _problem(sizes, k=5, m=6, seed=23))
+    with tf.GradientTape(persistent=True) as tape:
+        ours = tf.reduce_sum(tf.sin(gmm.grouped_matmul(x, w, sizes, bias=bias,
+                                                       activation="gelu")))
+        parts = tf.split(x, sizes)
+        ref = tf.reduce_sum(tf.sin(tf.nn.gelu(tf.concat(
+            [tf.matmul(p, w[g]) + bias[g] for g, p in enumerate(parts)], 0),
+            approximate=False)))
+    np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-5)
+    for ours_grad, ref_grad in zip(tape.gradient(ours, [x, w, bias]),
+                                   tape.gradient(ref, [x, w, bias])):
+        np.testing.assert_allclose(ours_grad.numpy(), ref_grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_activation_or_activation_without_bias_is_refused_with_the_choices(gmm):
+    x, w, bias = _problem([2], k=3, m=2)
+    with pytest.raises(ValueError, match="unknown activation 'swish'.*gelu"):
+        gmm.grouped_matmul(x, w, [2], bias=bias, activation="swish")
+    with pytest.raises(ValueError, match="needs a bias"):
+        gmm.grouped_matmul(x, w, [2], activation="relu")
+    ops = gmm.load_ops()
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError, TypeError),
+                       match="activation"):
+        ops.grouped_mat_mul_bias(x, w, [2], bias, activation="tanh")

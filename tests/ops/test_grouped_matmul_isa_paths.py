@@ -1,5 +1,6 @@
 """The CPU kernel picks an AVX-512, AVX2+FMA or Eigen GEMM at run time; every path must agree
-with NumPy, including sizes that fall off the SIMD register tiles and transposes."""
+with NumPy, including sizes that fall off the SIMD register tiles and transposes, and with the
+ReLU / exact-GELU epilogue (vectorised on AVX-512, std::erf elsewhere)."""
 
 import json
 import os
@@ -14,8 +15,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 CHECK = textwrap.dedent("""
     import json
+    import math
     import numpy as np
     from tfweave.ops import grouped_matmul as gmm
+
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    ACTIVATIONS = {"relu": lambda z: np.maximum(z, 0.0),
+                   "gelu": lambda z: 0.5 * z * (1.0 + erf(z / math.sqrt(2.0)))}
 
     rng = np.random.default_rng(0)
     worst = 0.0
@@ -31,6 +37,9 @@ CHECK = textwrap.dedent("""
         y = gmm.grouped_matmul(x, w, sizes).numpy()
         yt = gmm.grouped_matmul(x, np.ascontiguousarray(w.transpose(0, 2, 1)), sizes,
                                 transpose_w=True).numpy()
+        bias = rng.standard_normal((len(sizes), m)).astype(np.float32)
+        activated = {name: gmm.grouped_matmul(x, w, sizes, bias, activation=name).numpy()
+                     for name in ACTIVATIONS}
         dw = gmm.grouped_matmul_weight_grad(x, dy, sizes).numpy()
         dwt = gmm.grouped_matmul_weight_grad(x, dy, sizes, transpose_w=True).numpy()
         for g in range(len(sizes)):
@@ -42,6 +51,9 @@ CHECK = textwrap.dedent("""
                         np.abs(yt[rows] - ref).max(initial=0) / scale,
                         np.abs(dw[g] - ref_dw).max(initial=0) / (1 + np.sqrt(sizes[g])),
                         np.abs(dwt[g] - ref_dw.T).max(initial=0) / (1 + np.sqrt(sizes[g])))
+            for name, act in ACTIVATIONS.items():
+                want = act(ref + bias[g])
+                worst = max(worst, np.abs(activated[name][rows] - want).max(initial=0) / scale)
     print("RESULT " + json.dumps({"worst": float(worst)}))
 """)
 

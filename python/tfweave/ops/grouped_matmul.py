@@ -39,7 +39,11 @@ def load_ops():
     return load_library(FAMILY)
 
 
-def grouped_matmul(x, w, group_sizes, bias=None, *, transpose_w: bool = False, name=None):
+ACTIVATIONS = ("none", "relu", "gelu")
+
+
+def grouped_matmul(x, w, group_sizes, bias=None, *, transpose_w: bool = False,
+                   activation: str = "none", name=None):
     """Multiplies each group of rows of ``x`` by that group's weight.
 
     Args:
@@ -49,6 +53,10 @@ def grouped_matmul(x, w, group_sizes, bias=None, *, transpose_w: bool = False, n
       bias: optional ``[G, M]``; group ``g``'s rows get ``+ bias[g]``.
       transpose_w: ``w[g]`` is stored transposed, as ``[M, K]`` (like a Dense kernel's
         transpose, or ``tf.matmul(..., transpose_b=True)``).
+      activation: applied to every output after the bias, inside the kernel while the output
+        tile is in cache: ``"none"``, ``"relu"`` or ``"gelu"`` (the exact form,
+        ``tf.nn.gelu(approximate=False)``, to within 5e-7). Needs ``bias`` (pass zeros for
+        none).
       name: an optional name for the op.
 
     Returns:
@@ -58,10 +66,17 @@ def grouped_matmul(x, w, group_sizes, bias=None, *, transpose_w: bool = False, n
       tf.errors.InvalidArgumentError: when the sizes do not sum to ``T``, a size is negative, or
         a shape or ``G`` does not match; the message names the sizes.
     """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"grouped_matmul: unknown activation {activation!r}; use one of "
+                         f"{', '.join(ACTIVATIONS)}")
     ops = load_ops()
     if bias is None:
+        if activation != "none":
+            raise ValueError(f"grouped_matmul: activation={activation!r} needs a bias (the "
+                             "activation is GroupedMatMulBias's epilogue); pass zeros [G, M]")
         return ops.grouped_mat_mul(x, w, group_sizes, transpose_w=transpose_w, name=name)
-    return ops.grouped_mat_mul_bias(x, w, group_sizes, bias, transpose_w=transpose_w, name=name)
+    return ops.grouped_mat_mul_bias(x, w, group_sizes, bias, transpose_w=transpose_w,
+                                    activation=activation, name=name)
 
 
 def grouped_matmul_weight_grad(x, dy, group_sizes, *, transpose_w: bool = False, name=None):
@@ -96,8 +111,27 @@ def _grouped_matmul_grad(op, dy):
     return dx, dw, None
 
 
+def _activation_grad(op, dy):
+    """dy times the activation's derivative at the pre-activation z, which is recomputed (the
+    op keeps only its output)."""
+    activation = op.get_attr("activation")
+    activation = activation.decode() if isinstance(activation, bytes) else activation
+    if activation == "none":
+        return dy
+    x, w, group_sizes, bias = op.inputs
+    z = load_ops().grouped_mat_mul_bias(x, w, group_sizes, bias,
+                                        transpose_w=op.get_attr("transpose_w"))
+    if activation == "relu":
+        return dy * tf.cast(z > 0, dy.dtype)
+    # d/dz [z Phi(z)] = Phi(z) + z phi(z), Phi and phi the standard normal cdf and density
+    cdf = 0.5 * (1.0 + tf.math.erf(z * 0.7071067811865476))
+    density = tf.exp(-0.5 * tf.square(z)) * 0.3989422804014327
+    return dy * (cdf + z * density)
+
+
 @tf.RegisterGradient("GroupedMatMulBias")
 def _grouped_matmul_bias_grad(op, dy):
+    dy = _activation_grad(op, dy)
     dx, dw = _matmul_grads(op, dy)
     group_sizes = op.inputs[2]
     dbias = tf.math.unsorted_segment_sum(dy, _segment_ids(group_sizes),

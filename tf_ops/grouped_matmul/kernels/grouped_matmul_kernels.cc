@@ -126,6 +126,9 @@ void GroupedMatMulFloat(OpKernelContext* ctx, const functor::GroupedMatMulProble
       Eigen::Map<const Eigen::RowVectorXf> b(bias + t.group * m + t.col_begin, cols);
       out.rowwise() += b;
     }
+    // while the tile is still in cache
+    tfweave::gemm::ApplyActivation(p.activation, y + t.row_begin * m + t.col_begin, rows, cols,
+                                   m);
   });
 }
 
@@ -320,6 +323,19 @@ class GroupedMatMulOp : public OpKernel {
  public:
   explicit GroupedMatMulOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose_w", &transpose_w_));
+    if (kHasBias) {
+      std::string activation;
+      OP_REQUIRES_OK(ctx, ctx->GetAttr("activation", &activation));
+      if (activation == "relu") {
+        activation_ = functor::Activation::kRelu;
+      } else if (activation == "gelu") {
+        activation_ = functor::Activation::kGelu;
+      } else {
+        OP_REQUIRES(ctx, activation == "none",
+                    errors::InvalidArgument(type_string(), ": unknown activation '",
+                                            activation, "'; use 'none', 'relu' or 'gelu'"));
+      }
+    }
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -361,6 +377,7 @@ class GroupedMatMulOp : public OpKernel {
     problem.k = k;
     problem.m = m;
     problem.transpose_w = transpose_w_;
+    problem.activation = activation_;
     problem.offsets = offsets.data();
     OP_REQUIRES_OK(ctx, functor::GroupedMatMulFunctor<Device, T>()(
                             ctx, problem, x.flat<T>().data(), w.flat<T>().data(), bias_data,
@@ -369,6 +386,7 @@ class GroupedMatMulOp : public OpKernel {
 
  private:
   bool transpose_w_ = false;
+  functor::Activation activation_ = functor::Activation::kNone;
 };
 
 template <typename Device, typename T, typename Tidx>

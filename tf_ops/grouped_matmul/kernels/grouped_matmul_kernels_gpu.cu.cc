@@ -65,9 +65,21 @@ __device__ inline int GroupOfTile(const GroupTable& table, int tile) {
 }
 
 // grid.x: one block per (group, row tile) pair of this launch; grid.y: column tiles of M.
+// GroupedMatMulBias's epilogue: the same activations as the CPU kernel, with CUDA's erff.
+__device__ __forceinline__ float Activate(Activation activation, float z) {
+  switch (activation) {
+    case Activation::kRelu:
+      return fmaxf(z, 0.0f);
+    case Activation::kGelu:
+      return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
+    default:
+      return z;
+  }
+}
+
 template <typename T>
 __global__ void GroupedMatMulKernel(GroupTable table, int64_t k, int64_t m, bool transpose_w,
-                                    const T* __restrict__ x, const T* __restrict__ w,
+                                    Activation activation, const T* __restrict__ x, const T* __restrict__ w,
                                     const T* __restrict__ bias, T* __restrict__ y) {
   __shared__ float x_tile[kTile][kTile + 1];
   __shared__ float w_tile[kTile][kTile + 1];
@@ -111,7 +123,7 @@ __global__ void GroupedMatMulKernel(GroupTable table, int64_t k, int64_t m, bool
 #pragma unroll
   for (int i = 0; i < kOutputsPerThread; ++i) {
     const int64_t row = row_begin + threadIdx.y + i * kRowsPerPass;
-    if (row < row_end) y[row * m + col] = FromFloat<T>(acc[i] + b);
+    if (row < row_end) y[row * m + col] = FromFloat<T>(Activate(activation, acc[i] + b));
   }
 }
 
@@ -188,7 +200,7 @@ const char* LaunchGroupedMatMulGpu(void* stream, const GroupedMatMulProblem& p, 
     if (row_tiles == 0) continue;  // only empty groups: nothing to launch
     GroupedMatMulKernel<T><<<dim3(row_tiles, static_cast<unsigned>(col_tiles)),
                              dim3(kTile, kRowsPerPass), 0, static_cast<cudaStream_t>(stream)>>>(
-        table, p.k, p.m, p.transpose_w, x, w, bias, y);
+        table, p.k, p.m, p.transpose_w, p.activation, x, w, bias, y);
     const cudaError_t error = cudaGetLastError();
     if (error != cudaSuccess) return cudaGetErrorString(error);
   }

@@ -15,12 +15,19 @@ namespace functor {
 // Group g owns rows offsets[g] .. offsets[g + 1] of x (and of y / dy). `offsets` lives in host
 // memory on every device and has groups + 1 entries: the op computes it from group_sizes, which
 // it validates on the host anyway.
+// What GroupedMatMulBias applies to each output after the bias (its `activation` attribute).
+// Applying it on the output tile while that tile is still in cache saves the separate
+// elementwise ops a model would otherwise run over the whole output (for BERT's exact GELU,
+// five ops on the FFN's widest tensor).
+enum class Activation : int { kNone = 0, kRelu = 1, kGelu = 2 };
+
 struct GroupedMatMulProblem {
   int64_t groups = 0;
   int64_t rows = 0;  // T
   int64_t k = 0;
   int64_t m = 0;
   bool transpose_w = false;  // w[g] is [M, K] instead of [K, M]
+  Activation activation = Activation::kNone;  // applied after the bias
   const int64_t* offsets = nullptr;
 };
 

@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "tf_ops/grouped_matmul/kernels/grouped_matmul_launch.h"
+
 namespace tfweave {
 namespace gemm {
 
@@ -34,6 +36,12 @@ const char* SelectedIsa();
 // Computes the product with the fastest available micro-kernel; returns false (and writes
 // nothing) when the CPU has neither AVX-512F nor AVX2+FMA, or scratch memory runs out.
 bool Multiply(const Operands& operands);
+
+using Activation = tensorflow::functor::Activation;
+
+// c[i * ldc + j] = act(c[i * ldc + j]) for i < rows, j < cols; vectorised on AVX-512 CPUs
+// (GELU's erf to within 1.5e-7), std::erf elsewhere.
+void ApplyActivation(Activation activation, float* c, int64_t rows, int64_t cols, int64_t ldc);
 
 }  // namespace gemm
 }  // namespace tfweave

@@ -2,7 +2,7 @@
 //
 // Three ops share one contract:
 //   GroupedMatMul            (x, w, group_sizes)        -> y
-//   GroupedMatMulBias        (x, w, group_sizes, bias)  -> y      (y += bias[g] on group g's rows)
+//   GroupedMatMulBias        (x, w, group_sizes, bias)  -> y      (y = act(x_g w_g + bias[g]))
 //   GroupedMatMulWeightGrad  (x, dy, group_sizes)       -> dw     (the gradient for w)
 // The bias is a separate op rather than an optional input so that each op has a fixed
 // signature (TF ops cannot have optional inputs; an input list would hide the [G, M] shape).
@@ -89,11 +89,14 @@ REGISTER_OP("GroupedMatMulBias")
     .Attr("T: {float, bfloat16, half}")
     .Attr("Tidx: {int32, int64} = DT_INT32")
     .Attr("transpose_w: bool = false")
+    .Attr("activation: {'none', 'relu', 'gelu'} = 'none'")
     .SetShapeFn(GroupedMatMulShape)
     .Doc(R"doc(
-GroupedMatMul plus a per-group bias: group g's rows get `x_g @ w[g] + bias[g]`.
+GroupedMatMul plus a per-group bias: group g's rows get `act(x_g @ w[g] + bias[g])`.
 
 bias: [G, M].
+activation: applied to each output after the bias: 'none', 'relu' (max(z, 0)) or 'gelu'
+  (the exact form, 0.5 z (1 + erf(z / sqrt(2))), as tf.nn.gelu(approximate=False)).
 )doc");
 
 REGISTER_OP("GroupedMatMulWeightGrad")
