@@ -13,10 +13,13 @@ def _members(build, count):
     return [arch.perturb(build(seed), seed + 11) for seed in range(count)]
 
 
-def _graph_ops(concrete) -> list:
+def _graph_nodes(concrete) -> list:
     graph_def = concrete.graph.as_graph_def()
-    return [n.op for n in graph_def.node] + [n.op for f in graph_def.library.function
-                                             for n in f.node_def]
+    return list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+
+
+def _graph_ops(concrete) -> list:
+    return [n.op for n in _graph_nodes(concrete)]
 
 
 @pytest.mark.parametrize("build,feed", [
@@ -53,9 +56,15 @@ def test_grouped_mode_replaces_every_dense_projection_by_grouped_matmul(rng):
     left = ops.count("Einsum") + ops.count("BatchMatMulV2") + ops.count("MatMul")
     assert ops.count("GroupedMatMul") >= 6  # q, k, v, output, two feed-forward (+ pooler)
     assert left + ops.count("GroupedMatMul") == projections
-    # every projection's bias is folded in (through the Tensordot reshape too); the products
-    # without bias are left unused in the trace and pruned when the function runs
-    assert ops.count("GroupedMatMulBias") == ops.count("GroupedMatMul")
+    # every projection's bias is folded in (through the Tensordot reshape too), and the
+    # feed-forward's exact GELU into its GroupedMatMulBias; the products without bias (or
+    # without activation) are left unused in the trace and pruned when the function runs
+    activations = [n.attr["activation"].s.decode()
+                   for n in _graph_nodes(grouped.functions["prefixed"])
+                   if n.op == "GroupedMatMulBias"]
+    assert activations.count("gelu") == 1
+    assert activations.count("none") == ops.count("GroupedMatMul")
+    assert "Erfc" in stock_ops and "Erfc" not in ops
     assert "GroupedMatMul" not in stock_ops
     assert grouped.metadata["op_libraries"] == ["grouped_matmul"]
     assert grouped.metadata["mode"] == "grouped"

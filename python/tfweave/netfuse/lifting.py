@@ -24,6 +24,7 @@ import string
 import numpy as np
 
 from tfweave.netfuse.errors import UnsupportedOpError
+from tfweave.netfuse.fusion import GELU, FusedNode, find_fusions
 from tfweave.netfuse.isomorphism import PASS_THROUGH_OPS, data_inputs, resolve, tensor_of
 
 LOG = logging.getLogger("tfweave.netfuse")
@@ -124,6 +125,13 @@ class Lifter:
         # GroupedMatMul products a following bias may still be folded into: output tensor ref ->
         # (rows, weight, sizes, output shape tensor, bias shape, static output shape).
         self.grouped_products: dict = {}
+        # GroupedMatMulBias outputs a following activation may still be folded into: output
+        # tensor ref -> (rows, weight, sizes, bias, output shape tensor, static output shape).
+        # Filled by the grouped and the ragged lowering alike.
+        self.biased_products: dict = {}
+        # The ragged lowering's member index per row, per group sizes tensor (see
+        # ragged._segment_ids).
+        self.ragged_segment_ids: dict = {}
         self.use_channels = use_channels and conv_strategy == "grouped"
         self.conv_strategy = conv_strategy
 
@@ -141,8 +149,10 @@ class Lifter:
             return None
         if v.kind == STACKED:
             return shape[1:]
-        last = shape[-1]
-        return shape[:-1] + [None if last is None else last // self.n]
+        if v.kind == CHANNELS:
+            last = shape[-1]
+            return shape[:-1] + [None if last is None else last // self.n]
+        return shape  # ragged: the rows of all members along axis 0, the member's shape after
 
     def rank(self, v: Value, node) -> int:
         shape = self.shape(v)
@@ -518,8 +528,54 @@ def _grouped_bias(lx: Lifter, node, ins):
         bias = lx.weight(b, "grouped_bias", lambda a: a.reshape(a.shape[0], m))
         out = tf.reshape(grouped_matmul(rows, weight, sizes, bias, transpose_w=True), target)
         out.set_shape(static)
+        lx.biased_products[out.ref()] = (rows, weight, sizes, bias, target, static)
         return [Value(STACKED, out)]
     return None
+
+
+def fold_activation(lx: Lifter, t, activation: str):
+    """``activation(t)`` as GroupedMatMulBias's epilogue when ``t`` is such a product's
+    output (the product without it is then left unused and pruned); None otherwise."""
+    import tensorflow as tf
+    from tfweave.ops.grouped_matmul import grouped_matmul
+    found = lx.biased_products.get(t.ref())
+    if found is None:
+        return None
+    rows, weight, sizes, bias, target, static = found
+    out = tf.reshape(grouped_matmul(rows, weight, sizes, bias, transpose_w=True,
+                                    activation=activation), target)
+    out.set_shape(static)
+    return out
+
+
+def exact_gelu(t):
+    """What ``tf.nn.gelu(approximate=False)`` computes, as the members' graphs spell it."""
+    import tensorflow as tf
+    return tf.nn.gelu(t, approximate=False)
+
+
+@rule(GELU)
+def _gelu(lx, node, ins):
+    (x,) = ins
+    if x.kind == STACKED:
+        fused = fold_activation(lx, x.tensor, "gelu")
+        if fused is not None:
+            return [Value(STACKED, fused)]
+    if x.kind == CHANNELS:
+        return [Value(CHANNELS, exact_gelu(x.tensor))]
+    if x.kind == SHARED:
+        return [Value(SHARED, tensor=exact_gelu(lx.shared(x)))]
+    return [Value(STACKED, exact_gelu(lx.stacked(x)))]
+
+
+@rule("Relu")
+def _relu(lx, node, ins):
+    (x,) = ins
+    if x.kind == STACKED:
+        fused = fold_activation(lx, x.tensor, "relu")
+        if fused is not None:
+            return [Value(STACKED, fused)]
+    return _unary(lx, node, ins)
 
 
 def grouped_weight(lx: Lifter, w: Value, contracted: int, transposed: bool):
@@ -1131,19 +1187,21 @@ def _gather(lx, node, ins):
 def supported_ops() -> list[str]:
     """Ops NetFuse can lift when they consume per-model tensors (any op may run on shared
     values, e.g. shape arithmetic)."""
-    return sorted(RULES)
+    return sorted(op for op in RULES if op != GELU)  # GELU: a pseudo-op (netfuse.fusion)
 
 
 # ---- driver -------------------------------------------------------------------------------
 
 class LiftPlan:
-    """What lifting needs from the analysis: the reference member, its weights and order."""
+    """What lifting needs from the analysis: the reference member, its weights and order, and
+    the subgraphs that lift as one op (netfuse.fusion)."""
 
     def __init__(self, reference, weights, constants, reachable):
         self.reference = reference
         self.weights = weights
         self.constants = constants
-        self.order = _topological(reference, reachable, constants)
+        self.fused = find_fusions(reference.node_map())
+        self.order = _topological(reference, reachable, constants, self.fused)
 
     def release(self):
         """Frees the weight arrays and the reference graph once tracing is over."""
@@ -1152,7 +1210,13 @@ class LiftPlan:
         self.constants = None
 
 
-def _topological(member, reachable, constants) -> list[str]:
+def _inputs(node, fused) -> list[tuple[str, int]]:
+    """A node's data inputs, or its fused subgraph's inputs when it ends one."""
+    replacement = fused.get(node.name)
+    return replacement.inputs if replacement is not None else data_inputs(node)
+
+
+def _topological(member, reachable, constants, fused) -> list[str]:
     nodes = member.node_map()
     order, state = [], {}
     roots = [resolve(nodes, tensor_of(t.tensor))[0] for t in member.outputs]
@@ -1171,7 +1235,7 @@ def _topological(member, reachable, constants) -> list[str]:
             node = nodes[name]
             if node.op in PASS_THROUGH_OPS:
                 continue
-            for tensor in data_inputs(node):
+            for tensor in _inputs(node, fused):
                 source = resolve(nodes, tensor)[0]
                 if not state.get(source) and source not in constants:
                     stack.append((source, False))
@@ -1208,8 +1272,9 @@ def lift(plan: LiftPlan, lifter: Lifter, inputs: dict[str, Value]) -> dict[str, 
                 raise UnsupportedOpError(node.op, node.name, "a placeholder outside the "
                                          "serving signature")
             continue
-        ins = [value_of(t, node) for t in data_inputs(node)]
-        if not any(v.per_model for v in ins):
+        ins = [value_of(t, node) for t in _inputs(node, plan.fused)]
+        node = plan.fused.get(name, node)
+        if not any(v.per_model for v in ins) and not isinstance(node, FusedNode):
             outs = [Value(SHARED, tensor=t) for t in lifter.clone(node, [lifter.shared(v)
                                                                         for v in ins])]
         else:

@@ -18,6 +18,7 @@ import string
 import numpy as np
 
 from tfweave.netfuse.errors import UnsupportedOpError
+from tfweave.netfuse.fusion import GELU
 from tfweave.netfuse.lifting import (MODEL_CONST, SHARED, STACKED, Value, _static,
                                      _static_int, attr_value)
 
@@ -51,7 +52,7 @@ def _segment_ids(lx, sizes):
     """The member index of each row: computed once per graph and group sizes (a few ops,
     where ``tf.repeat`` per use cost dozens each, a fixed cost in every ragged run)."""
     import tensorflow as tf
-    cache = lx.__dict__.setdefault("_ragged_segment_ids", {})
+    cache = lx.ragged_segment_ids
     key = sizes.ref()
     if key not in cache:
         ends = tf.cumsum(sizes)
@@ -141,6 +142,10 @@ def _elementwise(lx, node, ins):
     for v, s in zip(ins, shapes):
         if v.kind == RAGGED and len(s) != rank:
             raise UnsupportedOpError(node.op, node.name, "ragged operands of different ranks")
+    if node.op in ("BiasAdd", "Add", "AddV2"):
+        fused = _fold_bias(lx, node, ins)
+        if fused is not None:
+            return [fused]
     if node.op == "BiasAdd":
         x, bias = ins
         if node.attr["data_format"].s.decode().startswith("NC") and rank > 2:
@@ -161,6 +166,50 @@ def _grouped_matmul(x2d, weight, sizes, transpose_w):
     return grouped_matmul(x2d, weight, sizes, transpose_w=transpose_w)
 
 
+def _record_product(lx, out, target, rows, weight, sizes, m_shape):
+    """Remembers a GroupedMatMul's output, reshaped to ``target``, so that a bias added next
+    folds into it."""
+    lx.grouped_products[out.ref()] = (rows, weight, sizes, target, list(m_shape),
+                                      _static(out.shape))
+
+
+def _fold_bias(lx, node, ins):
+    """``product + bias`` for a ragged GroupedMatMul product and a per-model bias of the
+    product's output shape: one GroupedMatMulBias (which a following activation can join, see
+    _activation). The per-row bias gather and the add are gone. None when that does not apply."""
+    import tensorflow as tf
+    from tfweave.ops.grouped_matmul import grouped_matmul
+    if len(ins) != 2 or (node.op == "BiasAdd" and
+                         node.attr["data_format"].s.decode().startswith("NC")):
+        return None
+    pairs = [(ins[0], ins[1])] if node.op == "BiasAdd" else [ins, ins[::-1]]
+    for x, b in pairs:
+        if x.kind != RAGGED or b.kind != MODEL_CONST or x.tensor.ref() not in lx.grouped_products:
+            continue
+        rows, weight, sizes, target, m_shape, static = lx.grouped_products[x.tensor.ref()]
+        if list(lx.shape(b)) != m_shape or b.array.dtype != np.float32:
+            continue
+        m = int(np.prod(m_shape))
+        bias = lx.weight(b, "grouped_bias", lambda a: a.reshape(a.shape[0], m))
+        out = tf.reshape(grouped_matmul(rows, weight, sizes, bias, transpose_w=True), target)
+        out.set_shape(static)
+        lx.biased_products[out.ref()] = (rows, weight, sizes, bias, target, static)
+        return ragged(out, sizes_of(x))
+    return None
+
+
+@ragged_rule(GELU, "Relu")
+def _activation(lx, node, ins):
+    from tfweave.netfuse.lifting import exact_gelu, fold_activation
+    (x,) = ins
+    fused = fold_activation(lx, x.tensor, "gelu" if node.op == GELU else "relu")
+    if fused is not None:
+        return [ragged(fused, sizes_of(x))]
+    if node.op == GELU:
+        return [ragged(exact_gelu(x.tensor), sizes_of(x))]
+    return _same_rows(lx, node, ins)
+
+
 def _matmul_rows(lx, node, x: Value, w: Value, transpose_w: bool):
     """x ragged ``[T, ..., K]`` times per-model ``w`` (``[K, M]`` per member, or ``[M, K]``
     when ``transpose_w``)."""
@@ -172,9 +221,11 @@ def _matmul_rows(lx, node, x: Value, w: Value, transpose_w: bool):
     rows = tf.reshape(xt, tf.stack([-1, shape[-1]]))
     sizes = _rescaled_sizes(sizes_of(x), shape[0], tf.shape(rows)[0])
     out = _grouped_matmul(rows, weight, sizes, True)
-    out = tf.reshape(out, tf.concat([shape[:-1], m_shape], 0))
+    target = tf.concat([shape[:-1], m_shape], 0)
+    out = tf.reshape(out, target)
     static = _static(xt.shape)
     out.set_shape(static[:-1] + m_shape)
+    _record_product(lx, out, target, rows, weight, sizes, m_shape)
     return [ragged(out, sizes_of(x))]
 
 
@@ -254,9 +305,11 @@ def _einsum_as_grouped_matmul(lx, node, x, w, contracted: int):
     rows = tf.reshape(xt, tf.stack([-1, k]))
     sizes = _rescaled_sizes(sizes_of(x), shape[0], tf.shape(rows)[0])
     out = _grouped_matmul(rows, weight, sizes, True)
-    out = tf.reshape(out, tf.concat([free, tf.constant(m_shape, tf.int32)], 0))
+    target = tf.concat([free, tf.constant(m_shape, tf.int32)], 0)
+    out = tf.reshape(out, target)
     static = _static(xt.shape)
     out.set_shape(static[:len(static) - contracted] + m_shape)
+    _record_product(lx, out, target, rows, weight, sizes, m_shape)
     return [ragged(out, sizes_of(x))]
 
 
@@ -348,9 +401,35 @@ def _reshape(lx, node, ins):
     x, shape = ins
     if shape.kind != SHARED:
         raise UnsupportedOpError(node.op, node.name, "a per-model target shape")
-    out = lx.clone(node, [x.tensor, lx.shared(shape)])[0]
-    sizes = _rescaled_sizes(sizes_of(x), tf.shape(x.tensor)[0], tf.shape(out)[0])
+    target = lx.shared(shape)
+    out = lx.clone(node, [x.tensor, target])[0]
+    product = lx.grouped_products.get(x.tensor.ref())
+    if product is None:
+        sizes = _rescaled_sizes(sizes_of(x), tf.shape(x.tensor)[0], tf.shape(out)[0])
+        return [ragged(out, sizes)]
+    # The shapes come from the product's planned shape, not from the product itself: a
+    # tf.shape of it would keep the GroupedMatMul running after a bias folds in below.
+    product_shape = product[3]
+    resolved = _reshaped_shape(product_shape, target)
+    sizes = _rescaled_sizes(sizes_of(x), product_shape[0], resolved[0])
+    static = _static(out.shape)
+    if static and static[-1] == int(np.prod(product[4])):
+        # Dense on 3-D inputs (Tensordot): MatMul, Reshape, then the bias. The rows are the
+        # same while the last axis stays M, so the bias can still be folded in.
+        rows, weight, row_sizes, _, m_shape, _ = product
+        lx.grouped_products[out.ref()] = (rows, weight, row_sizes, resolved,
+                                          [int(np.prod(m_shape))], static)
     return [ragged(out, sizes)]
+
+
+def _reshaped_shape(shape, target):
+    """The shape ``tf.reshape(t, target)`` has when ``t`` has ``shape`` (a -1 resolved)."""
+    import tensorflow as tf
+    target = tf.cast(target, shape.dtype)
+    unknown = tf.equal(target, -1)
+    known = tf.reduce_prod(tf.where(unknown, tf.ones_like(target), target))
+    inferred = tf.reduce_prod(shape) // tf.maximum(known, 1)
+    return tf.where(unknown, inferred, target)
 
 
 @ragged_rule("Transpose")
@@ -490,7 +569,7 @@ def _gather(lx, node, ins):
 
 
 def supported_ragged_ops() -> list[str]:
-    return sorted(RAGGED_RULES)
+    return sorted(op for op in RAGGED_RULES if op != GELU)  # GELU: a pseudo-op
 
 
 def ragged_outputs(plan, lifter, input_names, output_names, rows, sizes) -> dict:

@@ -1,0 +1,110 @@
+"""Fused subgraphs: an exact GELU or a ReLU after a projection's bias runs as GroupedMatMulBias's
+epilogue in the grouped and ragged modes; the stock mode emits the members' own ops."""
+
+import numpy as np
+import pytest
+
+from tfweave import netfuse
+from tfweave.netfuse import architectures as arch
+
+from tests.netfuse.parity import assert_members_match
+
+
+def _members(build, count):
+    return [arch.perturb(build(seed), seed + 3) for seed in range(count)]
+
+
+def _bert(seed):
+    return arch.bert_encoder(seed, vocab=40, layers=2, hidden=16, heads=2, max_positions=8)
+
+
+def _run_ops(concrete) -> list:
+    """The nodes a call of ``concrete`` runs: those its outputs depend on (the trace also holds
+    products a later bias or activation was folded into; they are pruned when it runs)."""
+    seen, stack, ops = set(), [t.op for t in concrete.graph.outputs], []
+    while stack:
+        op = stack.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        ops.append(op)
+        stack.extend(t.op for t in op.inputs)
+        stack.extend(op.control_inputs)
+    return ops
+
+
+def _activations(ops) -> list:
+    return sorted(op.get_attr("activation").decode() for op in ops
+                  if op.type == "GroupedMatMulBias")
+
+
+@pytest.mark.parametrize("mode,signature", [("grouped", "prefixed"), ("ragged", "ragged")])
+def test_bert_projections_run_as_grouped_matmul_bias_with_gelu_folded(mode, signature):
+    models = _members(_bert, 2)
+    ops = _run_ops(netfuse.merge(models, mode=mode).functions[signature])
+    types = [op.type for op in ops]
+    # per layer: q, k, v, attention output, two feed-forward; plus the pooler
+    assert _activations(ops) == ["gelu"] * 2 + ["none"] * 11
+    assert "GroupedMatMul" not in types           # every product got its bias folded in
+    assert "Erfc" not in types                    # and the GELU's five ops are gone
+
+
+def test_stock_mode_keeps_the_members_own_gelu_ops():
+    models = _members(_bert, 2)
+    types = [op.type for op in _run_ops(netfuse.merge(models).functions["prefixed"])]
+    assert types.count("Erfc") == 2 and "GroupedMatMulBias" not in types
+
+
+@pytest.mark.parametrize("mode", ["stock", "grouped", "ragged"])
+def test_fused_bert_matches_each_member_in_every_mode(mode, rng):
+    models = _members(_bert, 3)
+    merged = netfuse.merge(models, mode=mode)
+    inputs = [{"token_ids": rng.integers(0, 40, size=(b, 6)).astype("int32"),
+               "padding_mask": np.ones((b, 6), "int32")} for b in (2, 1, 3)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(3)}), inputs)
+
+
+def test_relu_dense_folds_into_the_epilogue_and_matches_members(rng):
+    models = _members(lambda s: arch.mlp(s, features=10, hidden=(12, 7), classes=4), 3)
+    merged = netfuse.merge(models, mode="ragged")
+    ops = _run_ops(merged.functions["ragged"])
+    assert _activations(ops) == ["none", "relu", "relu"]   # the softmax head keeps none
+    assert "Relu" not in [op.type for op in ops]
+    inputs = [{"features": rng.normal(size=(b, 10)).astype("float32")} for b in (1, 4, 2)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(3)}), inputs)
+
+
+def _gelu_like_module(seed, scale):
+    """Dense + ``0.5 x erfc(-x * scale)``: exact GELU only when scale is 1/sqrt(2)."""
+    import tensorflow as tf
+
+    class Member(tf.Module):
+        def __init__(self):
+            r = np.random.default_rng(seed)
+            self.w = tf.Variable(r.normal(size=(5, 6)).astype("float32"))
+            self.b = tf.Variable(r.normal(size=(6,)).astype("float32"))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 5], tf.float32, name="x")])
+        def serve(self, x):
+            z = tf.matmul(x, self.w) + self.b
+            return {"y": 0.5 * z * tf.math.erfc(-z * scale)}
+
+    return Member()
+
+
+@pytest.mark.parametrize("scale", [float(np.sqrt(0.5)), 0.8])
+def test_only_the_exact_gelu_constant_is_fused_and_both_match_the_members(scale, rng,
+                                                                          tmp_path):
+    import tensorflow as tf
+    members, paths = [_gelu_like_module(seed, scale) for seed in range(2)], []
+    for index, member in enumerate(members):
+        paths.append(str(tmp_path / f"m{index}"))
+        tf.saved_model.save(member, paths[-1], signatures={"serving_default": member.serve})
+    merged = netfuse.merge(paths, mode="ragged")
+    ops = _run_ops(merged.functions["ragged"])
+    exact = abs(scale - np.sqrt(0.5)) < 1e-7
+    assert _activations(ops) == ["gelu" if exact else "none"]
+    rows = rng.normal(size=(5, 5)).astype("float32")
+    got = merged.run_ragged({"x": rows}, [2, 3])["y"]
+    own = np.concatenate([members[0].serve(rows[:2])["y"], members[1].serve(rows[2:])["y"]])
+    np.testing.assert_allclose(got, own, atol=1e-5)
