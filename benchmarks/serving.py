@@ -110,6 +110,12 @@ class _Server:
                 raise RuntimeError(f"tfweave serve did not start; see {log_path}")
         self.target = f"127.0.0.1:{self.port}"
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (all its threads)."""
+        with open(f"/proc/{self.process.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def metric_sum(self, prefix: str) -> float:
         """Sum of the Prometheus samples whose line starts with ``prefix``."""
         import urllib.request
@@ -185,6 +191,110 @@ class _LoadGenerator:
     def close(self):
         self._loop.run_until_complete(self._channel.close())
         self._loop.close()
+
+
+class _RawLoadGenerator(_LoadGenerator):
+    """Like ``_LoadGenerator``, but each member's PredictRequest is serialised once and sent
+    as bytes through ``channel.unary_unary`` (the stub's own method path); answers are parsed
+    into PredictResponse as the stub would."""
+
+    def __init__(self, target, names, feeds):
+        super().__init__(target, names, feeds)
+        from tensorflow_serving.apis import predict_pb2
+        self._requests = {k: v.SerializeToString() for k, v in self._requests.items()}
+        self._stub = type("RawStub", (), {})()
+        self._stub.Predict = self._channel.unary_unary(
+            "/tensorflow.serving.PredictionService/Predict", request_serializer=None,
+            response_deserializer=predict_pb2.PredictResponse.FromString)
+
+
+class _ThreadLoadGenerator:
+    """Closed-loop clients as threads, each blocking on tensorflow-serving-api's sync stub."""
+
+    def __init__(self, target: str, names: list[str], feeds: dict[str, np.ndarray]):
+        import grpc
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+        self._grpc = grpc
+        protos = {key: tf.make_tensor_proto(value) for key, value in feeds.items()}
+        self._requests = {}
+        for name in names:
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = name
+            for key, proto in protos.items():
+                request.inputs[key].CopyFrom(proto)
+            self._requests[name] = request
+        self._names = names
+        self._channel = grpc.insecure_channel(target)
+        self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self.latencies: list[float] = []
+        self.failures = 0
+        self.wall_s = 0.0
+
+    def run(self, clients: int, total: int, time_limit_s: float = 60.0) -> None:
+        per_client = max(1, total // clients)
+        deadline = time.monotonic() + time_limit_s
+        latencies = [[] for _ in range(clients)]
+        failures = [0] * clients
+
+        def client(index: int):
+            request = self._requests[self._names[index % len(self._names)]]
+            predict, mine = self._stub.Predict, latencies[index]
+            for _ in range(per_client):
+                if time.monotonic() > deadline:
+                    return
+                start = time.perf_counter()
+                try:
+                    predict(request, timeout=30)
+                except self._grpc.RpcError:
+                    failures[index] += 1
+                    continue
+                mine.append(time.perf_counter() - start)
+
+        threads = [threading.Thread(target=client, args=(i,), daemon=True)
+                   for i in range(clients)]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.wall_s += time.perf_counter() - start
+        for mine in latencies:
+            self.latencies.extend(mine)
+        self.failures += sum(failures)
+
+    def close(self):
+        self._channel.close()
+
+
+class _CpuMeter:
+    """CPU seconds the load runs cost the server process and this (client) process, and the
+    requests they answered; the first ``skip`` runs (the warmup, where a server still builds
+    its session callables) are not counted."""
+
+    def __init__(self, server: _Server, load, skip: int = 1):
+        self.server, self.load = server, load
+        self.server_s = self.client_s = 0.0
+        self.requests = 0
+        self._skip = skip
+
+    def wrap(self, fn):
+        def measured():
+            if self._skip:
+                self._skip -= 1
+                return fn()
+            answered = len(self.load.latencies)
+            server, client = self.server.cpu_seconds(), time.process_time()
+            fn()
+            self.client_s += time.process_time() - client
+            self.server_s += self.server.cpu_seconds() - server
+            self.requests += len(self.load.latencies) - answered
+        return measured
+
+    def per_request_ms(self) -> tuple[float, float]:
+        n = max(self.requests, 1)
+        return round(self.server_s / n * 1e3, 3), round(self.client_s / n * 1e3, 3)
 
 
 def _percentile(values, q):
@@ -301,8 +411,9 @@ def _cells(report, label: str, n: int, names, merged: Path, config: Path, feeds,
             before = _batch_totals(candidate)
             before_b = _batch_totals(baseline)
             wall_c, wall_b = load_c.wall_s, load_b.wall_s
-            row = compare(case, lambda: load_c.run(clients, total),
-                          lambda: load_b.run(clients, total),
+            meter_c, meter_b = _CpuMeter(candidate, load_c), _CpuMeter(baseline, load_b)  # warmup=1
+            row = compare(case, meter_c.wrap(lambda: load_c.run(clients, total)),
+                          meter_b.wrap(lambda: load_b.run(clients, total)),
                           candidate_name="cross-model batching (merged)",
                           baseline_name="per-model batching (N models)",
                           repeats=repeats, warmup=1, target=3.0 if small_load else None)
@@ -325,6 +436,13 @@ def _cells(report, label: str, n: int, names, merged: Path, config: Path, feeds,
                 "candidate_runs_in_flight": round(busy_c / max(load_c.wall_s - wall_c, 1e-9), 2),
                 "baseline_runs_in_flight": round(busy_b / max(load_b.wall_s - wall_b, 1e-9), 2),
                 "failures": load_c.failures + load_b.failures})
+            # CPU per answered request (warmup included): the server's whole process (gRPC,
+            # decoding, batching and the model runs) and the load generator's own process,
+            # which shares the same cores and so takes CPU from both servers alike.
+            (row.extra["candidate_server_cpu_ms_per_request"],
+             row.extra["candidate_client_cpu_ms_per_request"]) = meter_c.per_request_ms()
+            (row.extra["baseline_server_cpu_ms_per_request"],
+             row.extra["baseline_client_cpu_ms_per_request"]) = meter_b.per_request_ms()
             report.add(row)
             for q in (50, 99):
                 report.add(ratio_row(
@@ -334,10 +452,15 @@ def _cells(report, label: str, n: int, names, merged: Path, config: Path, feeds,
                     baseline_value=row.extra[f"baseline_p{q}_ms"], higher_is_better=False,
                     target=1.0 if small_load and q == 99 else None))
             LOG.info("%s: %.0f vs %.0f req/s (%.1f requests per merged run, runs in flight "
-                     "%.2f vs %.2f), p50 %.2f vs %.2f ms, p99 %.2f vs %.2f ms", case,
+                     "%.2f vs %.2f, server CPU %.2f vs %.2f ms and client CPU %.2f vs %.2f ms "
+                     "per request), p50 %.2f vs %.2f ms, p99 %.2f vs %.2f ms", case,
                      row.extra["candidate_rps"], row.extra["baseline_rps"],
                      row.extra["candidate_requests_per_run"],
                      row.extra["candidate_runs_in_flight"], row.extra["baseline_runs_in_flight"],
+                     row.extra["candidate_server_cpu_ms_per_request"],
+                     row.extra["baseline_server_cpu_ms_per_request"],
+                     row.extra["candidate_client_cpu_ms_per_request"],
+                     row.extra["baseline_client_cpu_ms_per_request"],
                      row.extra["candidate_p50_ms"], row.extra["baseline_p50_ms"],
                      row.extra["candidate_p99_ms"], row.extra["baseline_p99_ms"])
             xs.append(clients)
