@@ -135,6 +135,55 @@ def test_a_queue_allowed_two_runs_in_flight_starts_a_second_without_a_full_batch
     assert merged.runs == [[1, 0], [0, 1]]
 
 
+def test_the_next_merged_run_starts_while_the_last_runs_answers_are_handed_out(scheduler):
+    merged = _FakeMerged(2)
+    queue = _merged_queue(scheduler, merged)
+    handing_out, second_started = threading.Event(), threading.Event()
+    first = queue.submit(_task(1.0, member=0))
+
+    def slow_hand_out(_):
+        # Runs in the batch thread while it delivers the first run's answers.
+        handing_out.set()
+        second_started.wait(10)
+
+    first.add_done_callback(slow_hand_out)
+    assert handing_out.wait(10)
+    second = queue.submit(_task(2.0, member=1))
+    assert merged.started.acquire(timeout=10) and merged.started.acquire(timeout=10)
+    second_started.set()   # the second run got a thread while the first was still answering
+    assert second.result(10)["y"].tolist() == [[4.0, 4.0]]
+    assert first.result(10)["y"].tolist() == [[1.0, 1.0]]
+    assert merged.runs == [[1, 0], [0, 1]]
+
+
+def test_runs_in_the_batch_thread_equal_runs_on_the_inter_op_pool(tmp_path):
+    import tensorflow as tf
+
+    from tfweave.serving.backends import SessionModel
+
+    class Net(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+        def serve(self, x):
+            w = tf.constant([[1.0, -2.0], [0.5, 3.0], [2.0, 1.0]])
+            return {"y": tf.nn.relu(tf.matmul(x, w)), "z": tf.reduce_sum(x, axis=1)}
+
+    module = Net()
+    tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": module.serve})
+    in_caller = SessionModel(str(tmp_path / "1"), tf.compat.v1.ConfigProto(),
+                             run_in_caller_thread=True)
+    pooled = SessionModel(str(tmp_path / "1"), tf.compat.v1.ConfigProto())
+    try:
+        x = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+        expected = module.serve(tf.constant(x))
+        for model in (in_caller, pooled):
+            got = model.run("serving_default", {"x": x}, ("y", "z"))
+            np.testing.assert_allclose(got["y"], expected["y"].numpy(), rtol=1e-6)
+            np.testing.assert_allclose(got["z"], expected["z"].numpy(), rtol=1e-6)
+    finally:
+        in_caller.close()
+        pooled.close()
+
+
 def test_sessions_pinned_to_one_intra_op_thread_allow_one_merged_run_per_core(tmp_path):
     import os
 

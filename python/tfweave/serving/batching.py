@@ -304,15 +304,23 @@ class MergedBatchQueue(_Queue):
         self._full_members = sum(1 for r in self._rows if r >= self.max_batch_size)
 
     def process(self, per_member: list[list[Task]]) -> None:
-        try:
-            self._process(per_member)
-        finally:
-            with self.scheduler.cv:
-                self._in_flight -= 1
-                if self._waiting:   # they were held back while this run was in flight
-                    self.scheduler.cv.notify()
+        released = False
 
-    def _process(self, per_member: list[list[Task]]) -> None:
+        def release():
+            nonlocal released
+            if not released:
+                released = True
+                with self.scheduler.cv:
+                    self._in_flight -= 1
+                    if self._waiting:   # they were held back while this run was in flight
+                        self.scheduler.cv.notify()
+
+        try:
+            self._process(per_member, release)
+        finally:
+            release()
+
+    def _process(self, per_member: list[list[Task]], release: Callable[[], None]) -> None:
         per_member = [_claim(tasks) for tasks in per_member]
         everyone = [t for tasks in per_member for t in tasks]
         if not everyone:
@@ -323,6 +331,9 @@ class MergedBatchQueue(_Queue):
             self.scheduler.metrics.observe_batch(
                 self.name, len(everyone), sum(1 for tasks in per_member if tasks),
                 time.perf_counter() - start)
+            # The run is over: another batch thread may start the next one while this one
+            # hands out the answers (waking one gRPC thread per request, under the GIL).
+            release()
             for tasks, member_outputs in zip(per_member, results):
                 offset = 0
                 for task in tasks:
