@@ -289,6 +289,11 @@ def _einsum(lx, node, ins):
             import tensorflow as tf
             args.append(tf.gather(stacked, _segment_ids(lx, sizes_of(like))))
             new_terms.append(batch + term)
+    if len(ins) == 2 and all(v.kind == RAGGED for v in ins):
+        from tfweave.netfuse.lifting import einsum_as_batch_matmul
+        product = einsum_as_batch_matmul(new_terms[0], new_terms[1], out, *args)
+        if product is not None:
+            return [ragged(product, sizes_of(like))]
     new_equation = ",".join(new_terms) + "->" + out
     out_t = lx.clone(node, args, attrs=attr_value(equation=new_equation))[0]
     return [ragged(out_t, sizes_of(like))]
