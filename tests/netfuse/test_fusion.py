@@ -108,3 +108,37 @@ def test_only_the_exact_gelu_constant_is_fused_and_both_match_the_members(scale,
     got = merged.run_ragged({"x": rows}, [2, 3])["y"]
     own = np.concatenate([members[0].serve(rows[:2])["y"], members[1].serve(rows[2:])["y"]])
     np.testing.assert_allclose(got, own, atol=1e-5)
+
+
+def _normed(seed):
+    """LayerNormalization over the last axis (fused) and over axis 1 (left to the composite)."""
+    import keras
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((4, 6), name="x")
+    h = keras.layers.Dense(6)(inputs)
+    h = keras.layers.LayerNormalization(epsilon=1e-5)(h)
+    h = keras.layers.LayerNormalization(axis=1, epsilon=1e-3)(h)
+    return keras.Model(inputs, keras.layers.Dense(3, activation="gelu")(h))
+
+
+@pytest.mark.parametrize("mode,signature", [("grouped", "prefixed"), ("ragged", "ragged")])
+def test_last_axis_layer_norm_becomes_one_grouped_op_and_others_stay_exact(mode, signature,
+                                                                           rng):
+    models = _members(_normed, 3)
+    merged = netfuse.merge(models, mode=mode)
+    types = [op.type for op in _run_ops(merged.functions[signature])]
+    assert types.count("GroupedLayerNorm") == 1   # the axis-1 norm is computed op by op
+    assert types.count("Rsqrt") == 1
+    assert _activations(_run_ops(merged.functions[signature])) == ["gelu", "none"]
+    inputs = [{"x": rng.normal(size=(b, 4, 6)).astype("float32")} for b in (2, 1, 3)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(3)}), inputs)
+
+
+def test_bert_layer_norms_are_fused_in_grouped_and_ragged_modes():
+    models = _members(_bert, 2)
+    for mode, signature in (("grouped", "prefixed"), ("ragged", "ragged")):
+        types = [op.type for op in _run_ops(netfuse.merge(models, mode=mode)
+                                            .functions[signature])]
+        # embeddings, then two per layer
+        assert types.count("GroupedLayerNorm") == 5, mode
+        assert "Rsqrt" not in types and "SquaredDifference" not in types, mode

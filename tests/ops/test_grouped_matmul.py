@@ -348,3 +348,69 @@ def test_unknown_activation_or_activation_without_bias_is_refused_with_the_choic
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError, TypeError),
                        match="activation"):
         ops.grouped_mat_mul_bias(x, w, [2], bias, activation="tanh")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def _layer_norm_reference(x, sizes, gamma, beta, epsilon):
+    x = x.astype(np.float64)
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    groups = np.repeat(np.arange(len(sizes)), sizes)
+    return (x - mean) / np.sqrt(var + epsilon) * gamma[groups] + beta[groups]
+
+
+@pytest.mark.parametrize("pattern", sorted(SIZE_PATTERNS))
+@pytest.mark.parametrize("h", [1, 13, 256])
+def test_grouped_layer_norm_matches_float64_per_group(gmm, pattern, h, rng):
+    sizes = SIZE_PATTERNS[pattern]
+    x = (rng.normal(size=(sum(sizes), h)) * 3 + 1).astype(np.float32)
+    gamma = rng.normal(size=(len(sizes), h)).astype(np.float32)
+    beta = rng.normal(size=(len(sizes), h)).astype(np.float32)
+    y = gmm.grouped_layer_norm(x, sizes, gamma, beta, epsilon=1e-3).numpy()
+    np.testing.assert_allclose(y, _layer_norm_reference(x, sizes, gamma, beta, 1e-3),
+                               atol=2e-5, rtol=1e-5)
+
+
+def test_grouped_layer_norm_equals_keras_layer_normalization_per_group(gmm, rng):
+    import keras
+    sizes = [3, 0, 5]
+    x = rng.normal(size=(8, 16)).astype(np.float32)
+    layers = []
+    for g in range(3):
+        layer = keras.layers.LayerNormalization(epsilon=1e-5)
+        layer.build((None, 16))
+        layer.gamma.assign(rng.normal(size=16).astype(np.float32))
+        layer.beta.assign(rng.normal(size=16).astype(np.float32))
+        layers.append(layer)
+    gamma = np.stack([np.asarray(l.gamma) for l in layers])
+    beta = np.stack([np.asarray(l.beta) for l in layers])
+    y = gmm.grouped_layer_norm(x, sizes, gamma, beta, epsilon=1e-5).numpy()
+    want = np.concatenate([np.asarray(layers[0](x[:3])), np.asarray(layers[2](x[3:]))])
+    np.testing.assert_allclose(y, want, atol=1e-5)
+
+
+def test_grouped_layer_norm_gradients_match_numeric(gmm, rng):
+    sizes = tf.constant([2, 0, 3])
+    x = tf.constant(rng.normal(size=(5, 6)).astype(np.float32))
+    gamma = tf.constant(rng.normal(size=(3, 6)).astype(np.float32))
+    beta = tf.constant(rng.normal(size=(3, 6)).astype(np.float32))
+
+    def f(x, gamma, beta):
+        return gmm.grouped_layer_norm(x, sizes, gamma, beta, epsilon=1e-3)
+
+    theoretical, numerical = tf.test.compute_gradient(f, [x, gamma, beta], delta=1e-3)
+    for t, n in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, n, atol=2e-2, rtol=2e-2)
+
+
+def test_grouped_layer_norm_rejects_bad_sizes_and_shapes_naming_them(gmm):
+    x = np.zeros((4, 3), np.float32)
+    gamma = np.ones((2, 3), np.float32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="sum to 3 but x has T = 4"):
+        gmm.grouped_layer_norm(x, [1, 2], gamma, gamma)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="gamma|beta|H"):
+        gmm.grouped_layer_norm(x, [2, 2], gamma, np.ones((2, 4), np.float32))

@@ -1,6 +1,6 @@
 """The CPU kernel picks an AVX-512, AVX2+FMA or Eigen GEMM at run time; every path must agree
-with NumPy, including sizes that fall off the SIMD register tiles and transposes, and with the
-ReLU / exact-GELU epilogue (vectorised on AVX-512, std::erf elsewhere)."""
+with NumPy, including sizes that fall off the SIMD register tiles and transposes, with the
+ReLU / exact-GELU epilogue (vectorised on AVX-512, std::erf elsewhere), and GroupedLayerNorm."""
 
 import json
 import os
@@ -54,6 +54,15 @@ CHECK = textwrap.dedent("""
             for name, act in ACTIVATIONS.items():
                 want = act(ref + bias[g])
                 worst = max(worst, np.abs(activated[name][rows] - want).max(initial=0) / scale)
+        # GroupedLayerNorm (vectorised on AVX-512, scalar otherwise), H = m: tails of 16 too
+        gamma = rng.standard_normal((len(sizes), m)).astype(np.float32)
+        beta = rng.standard_normal((len(sizes), m)).astype(np.float32)
+        normed = gmm.grouped_layer_norm(y, sizes, gamma, beta, epsilon=1e-3).numpy()
+        for g in range(len(sizes)):
+            rows = slice(offsets[g], offsets[g + 1])
+            z = y[rows].astype(np.float64)
+            z = (z - z.mean(-1, keepdims=True)) / np.sqrt(z.var(-1, keepdims=True) + 1e-3)
+            worst = max(worst, np.abs(normed[rows] - (z * gamma[g] + beta[g])).max(initial=0))
     print("RESULT " + json.dumps({"worst": float(worst)}))
 """)
 

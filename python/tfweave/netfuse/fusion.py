@@ -1,4 +1,4 @@
-"""Subgraphs of a member's graph that lift as one op.
+"""Subgraphs of a member's graph that lift as one op (in the grouped and ragged modes).
 
 ``tf.nn.gelu(x, approximate=False)`` (Keras's ``gelu`` activation) is five nodes in a frozen
 graph::
@@ -6,10 +6,11 @@ graph::
     Mul(Mul(0.5, x), Erfc(Mul(Neg(x), 0.70710678)))
 
 Lifted node by node, each is a pass over the activation (in BERT the FFN's widest tensor); seen
-as one ``GELU`` node, the grouped and ragged lowerings fold it into the GroupedMatMulBias before
-it (the op's activation epilogue) and the stock lowering emits ``tf.nn.gelu`` again, the same
-five ops. The subgraph's inner nodes stay in the graph: any other consumer of them still reads
-them, and they are pruned where nothing does.
+as one ``GELU`` node, the lowerings fold it into the GroupedMatMulBias before it (the op's
+activation epilogue). Keras's ``LayerNormalization`` is eleven nodes (moments, rsqrt, scale,
+shift) that become one ``GroupedLayerNorm``. The stock mode lifts node by node, as before.
+A subgraph's inner nodes stay in the graph: any other consumer of them still reads them, and
+they are pruned where nothing does.
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ import numpy as np
 
 from tfweave.netfuse.isomorphism import data_inputs, resolve
 
-# The pseudo-op a recognised exact GELU lifts as (not a TensorFlow op).
+# The pseudo-ops recognised subgraphs lift as (not TensorFlow ops).
 GELU = "TfweaveExactGelu"
+LAYER_NORM = "TfweaveLayerNorm"
+PSEUDO_OPS = (GELU, LAYER_NORM)
 
 
 class FusedNode:
     """Stands for the node that ends a recognised subgraph: same name and dtype attribute,
-    its own op type and inputs."""
+    its own op type, inputs and parameters."""
 
-    def __init__(self, op: str, node, inputs: list[tuple[str, int]]):
-        self.op, self.name, self.inputs = op, node.name, inputs
+    def __init__(self, op: str, node, inputs: list[tuple[str, int]], **params):
+        self.op, self.name, self.inputs, self.params = op, node.name, inputs, params
         self.attr = {"T": node.attr["T"]} if "T" in node.attr else {}
 
 
@@ -79,6 +82,65 @@ def _exact_gelu_input(nodes, node):
     return None
 
 
+def _producer(nodes, tensor, op: str):
+    node = nodes[tensor[0]]
+    return node if node.op == op and tensor[1] == 0 else None
+
+
+def _kept_mean(nodes, tensor):
+    """(input, axes) when ``tensor`` is a keep_dims Mean over constant axes."""
+    node = _producer(nodes, tensor, "Mean")
+    if node is None or not node.attr["keep_dims"].b:
+        return None
+    data, axes = [resolve(nodes, t) for t in data_inputs(node)]
+    if nodes[axes[0]].op != "Const":
+        return None
+    from tensorflow.python.framework import tensor_util
+    return data, tuple(int(a) for a in np.ravel(
+        tensor_util.MakeNdarray(nodes[axes[0]].attr["value"].tensor)))
+
+
+def _either(pair):
+    return (pair, pair[::-1]) if pair else ()
+
+
+def _layer_norm_parts(nodes, node):
+    """(x, gamma, beta, epsilon, axes) when ``node`` ends Keras's LayerNormalization:
+    ``x * inv + (-mean * inv + beta)`` with ``inv = rsqrt(variance + epsilon) * gamma``,
+    ``mean, variance = moments(x)``; else None."""
+    for scaled_t, shifted_t in _either(_operands(nodes, node, "AddV2")):
+        scaled = _operands(nodes, nodes[scaled_t[0]], "Mul")
+        shifted = _operands(nodes, nodes[shifted_t[0]], "AddV2")
+        for x, inv_t in _either(scaled):
+            inv = _operands(nodes, nodes[inv_t[0]], "Mul")
+            for rsqrt_t, gamma in _either(inv):
+                rsqrt = _producer(nodes, rsqrt_t, "Rsqrt")
+                if rsqrt is None:
+                    continue
+                var_eps = _operands(nodes, nodes[resolve(nodes, data_inputs(rsqrt)[0])[0]],
+                                    "AddV2")
+                for variance_t, eps_t in _either(var_eps):
+                    epsilon = _scalar(nodes, eps_t)
+                    variance = _kept_mean(nodes, variance_t)
+                    if epsilon is None or variance is None:
+                        continue
+                    spread = _operands(nodes, nodes[variance[0][0]], "SquaredDifference")
+                    for x2, held_t in _either(spread):
+                        held = _producer(nodes, held_t, "StopGradient")
+                        mean_t = resolve(nodes, data_inputs(held)[0]) if held else None
+                        mean = _kept_mean(nodes, mean_t) if mean_t else None
+                        if x2 != x or mean is None or mean[0] != x or mean[1] != variance[1]:
+                            continue
+                        for centred_t, beta in _either(shifted):
+                            centred = _operands(nodes, nodes[centred_t[0]], "Mul")
+                            for neg_t, inv2 in _either(centred):
+                                neg = _producer(nodes, neg_t, "Neg")
+                                if (neg is not None and inv2 == inv_t and
+                                        resolve(nodes, data_inputs(neg)[0]) == mean_t):
+                                    return x, gamma, beta, epsilon, mean[1]
+    return None
+
+
 def find_fusions(nodes: dict) -> dict[str, FusedNode]:
     """Node name -> the FusedNode it lifts as, for every recognised subgraph."""
     fused = {}
@@ -87,4 +149,10 @@ def find_fusions(nodes: dict) -> dict[str, FusedNode]:
             x = _exact_gelu_input(nodes, node)
             if x is not None:
                 fused[node.name] = FusedNode(GELU, node, [x])
+        elif node.op == "AddV2":
+            parts = _layer_norm_parts(nodes, node)
+            if parts is not None:
+                x, gamma, beta, epsilon, axes = parts
+                fused[node.name] = FusedNode(LAYER_NORM, node, [x, gamma, beta],
+                                             epsilon=epsilon, axes=axes)
     return fused

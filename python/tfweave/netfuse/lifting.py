@@ -24,7 +24,7 @@ import string
 import numpy as np
 
 from tfweave.netfuse.errors import UnsupportedOpError
-from tfweave.netfuse.fusion import GELU, FusedNode, find_fusions
+from tfweave.netfuse.fusion import GELU, LAYER_NORM, PSEUDO_OPS, FusedNode, find_fusions
 from tfweave.netfuse.isomorphism import PASS_THROUGH_OPS, data_inputs, resolve, tensor_of
 
 LOG = logging.getLogger("tfweave.netfuse")
@@ -491,18 +491,44 @@ def _grouped_projection(lx: Lifter, x: Value, w: Value, contracted: int, w_trans
     k = int(lx.shape(w)[-1] if w_transposed else np.prod(lx.shape(w)[:contracted]))
     xt = lx.stacked(x)
     x_static = _static(xt.shape)
-    shape = tf.shape(xt)
-    free = shape[:tf.size(shape) - contracted]
-    rows = tf.reshape(xt, tf.stack([-1, k]))
-    sizes = tf.fill([lx.n], tf.shape(rows)[0] // lx.n)
+    free_rank = len(x_static) - contracted
+    rows = tf.reshape(xt, [-1, k])
+    sizes = _member_sizes(lx, xt, free_rank)
     out = grouped_matmul(rows, weight, sizes, transpose_w=True)
-    target = tf.concat([free, tf.constant(m_shape, tf.int32)], 0)
+    target = _stacked_shape(xt, free_rank, m_shape)
     out = tf.reshape(out, target)
-    static = x_static[:len(x_static) - contracted] + m_shape
+    static = x_static[:free_rank] + m_shape
     out.set_shape(static)
     # A bias added next is folded into the product (see _grouped_bias).
     lx.grouped_products[out.ref()] = (rows, weight, sizes, target, m_shape, static)
     return [Value(STACKED, out)]
+
+
+def _member_sizes(lx: Lifter, t, free_rank: int):
+    """GroupedMatMul's group sizes for stacked ``t`` ``[N, B, ...]`` flattened to rows over its
+    first ``free_rank`` axes: N equal parts. From static dims where they are known: a few
+    shape ops per projection add up to a measurable share of a merged batch-1 run."""
+    import tensorflow as tf
+    static = _static(t.shape)[:free_rank]
+    rest = static[2:]
+    if all(d is not None for d in rest):
+        per_member = tf.shape(t)[1] if len(static) > 1 else tf.constant(1)
+        inner = int(np.prod(rest)) if rest else 1
+        if inner != 1:
+            per_member = per_member * inner
+    else:
+        per_member = tf.reduce_prod(tf.shape(t)[1:free_rank])
+    return tf.fill([lx.n], per_member)
+
+
+def _stacked_shape(t, free_rank: int, tail):
+    """The shape ``t``'s first ``free_rank`` axes followed by ``tail``: a constant with one -1
+    (the batch) when the other dims are static."""
+    import tensorflow as tf
+    static = _static(t.shape)[:free_rank]
+    if all(d is not None for i, d in enumerate(static) if i != 1):
+        return [d if i != 1 else -1 for i, d in enumerate(static)] + list(tail)
+    return tf.concat([tf.shape(t)[:free_rank], tf.constant(list(tail), tf.int32)], 0)
 
 
 def _grouped_bias(lx: Lifter, node, ins):
@@ -566,6 +592,60 @@ def _gelu(lx, node, ins):
     if x.kind == SHARED:
         return [Value(SHARED, tensor=exact_gelu(lx.shared(x)))]
     return [Value(STACKED, exact_gelu(lx.stacked(x)))]
+
+
+def layer_norm_composite(x, gamma, beta, epsilon: float, axes):
+    """Keras's LayerNormalization on lifted tensors, op for op (the fallback of the fused
+    layer norm, for layouts GroupedLayerNorm does not cover)."""
+    import tensorflow as tf
+    axes = list(axes)
+    mean = tf.reduce_mean(x, axes, keepdims=True)
+    variance = tf.reduce_mean(tf.math.squared_difference(x, tf.stop_gradient(mean)), axes,
+                              keepdims=True)
+    inv = tf.math.rsqrt(variance + epsilon) * gamma
+    return x * inv + (-mean * inv + beta)
+
+
+def grouped_layer_norm_rows(lx, node, rows_tensor, sizes, gamma: Value, beta: Value,
+                            shape=None):
+    """GroupedLayerNorm over ``rows_tensor`` ``[..., H]`` whose rows are grouped by ``sizes``
+    (members' rows along axis 0), when gamma and beta are per-model float32 weights of H
+    values; None otherwise. ``shape``: rows_tensor's shape, if the caller has it cheaper."""
+    import tensorflow as tf
+    from tfweave.ops.grouped_matmul import grouped_layer_norm
+    static = _static(rows_tensor.shape)
+    h = static[-1] if static else None
+    if h is None or any(v.kind != MODEL_CONST or v.array.dtype != np.float32 or
+                        int(np.prod(lx.shape(v))) != h for v in (gamma, beta)):
+        return None
+    weights = [lx.weight(v, "grouped_norm", lambda a: a.reshape(a.shape[0], h))
+               for v in (gamma, beta)]
+    rows = tf.reshape(rows_tensor, [-1, h])
+    out = grouped_layer_norm(rows, sizes, *weights, epsilon=node.params["epsilon"])
+    out = tf.reshape(out, tf.shape(rows_tensor) if shape is None else shape)
+    out.set_shape(static)
+    return out
+
+
+def _last_axis_only(node, rank: int) -> bool:
+    return len(node.params["axes"]) == 1 and node.params["axes"][0] in (-1, rank - 1)
+
+
+@rule(LAYER_NORM)
+def _layer_norm(lx, node, ins):
+    import tensorflow as tf
+    x, gamma, beta = ins
+    rank = lx.rank(x, node)
+    if x.kind == STACKED and _last_axis_only(node, rank):
+        stacked = x.tensor
+        sizes = _member_sizes(lx, stacked, rank)  # rank + 1 axes stacked, all but H are rows
+        out = grouped_layer_norm_rows(lx, node, stacked, sizes, gamma, beta,
+                                      _stacked_shape(stacked, rank + 1, []))
+        if out is not None:
+            return [Value(STACKED, out)]
+    axes = [a + 1 if a >= 0 else a for a in node.params["axes"]]  # past the model axis
+    args = [lx.stacked(v, rank) if v.per_model else lx.shared(v) for v in (x, gamma, beta)]
+    return [Value(STACKED, layer_norm_composite(*args, node.params["epsilon"], axes))]
 
 
 @rule("Relu")
@@ -1225,7 +1305,7 @@ def _gather(lx, node, ins):
 def supported_ops() -> list[str]:
     """Ops NetFuse can lift when they consume per-model tensors (any op may run on shared
     values, e.g. shape arithmetic)."""
-    return sorted(op for op in RULES if op != GELU)  # GELU: a pseudo-op (netfuse.fusion)
+    return sorted(op for op in RULES if op not in PSEUDO_OPS)  # see netfuse.fusion
 
 
 # ---- driver -------------------------------------------------------------------------------
@@ -1238,8 +1318,17 @@ class LiftPlan:
         self.reference = reference
         self.weights = weights
         self.constants = constants
+        # The stock mode lifts node by node (its merged graph keeps the members' own ops);
+        # the grouped and ragged modes lift recognised subgraphs as one op each.
         self.fused = find_fusions(reference.node_map())
-        self.order = _topological(reference, reachable, constants, self.fused)
+        self.order = _topological(reference, reachable, constants, {})
+        self.fused_order = _topological(reference, reachable, constants, self.fused)
+
+    def for_lifter(self, lifter) -> tuple[list[str], dict]:
+        """(node order, fused subgraphs) for the mode ``lifter`` lowers to."""
+        if lifter.grouped_matmul:
+            return self.fused_order, self.fused
+        return self.order, {}
 
     def release(self):
         """Frees the weight arrays and the reference graph once tracing is over."""
@@ -1303,15 +1392,16 @@ def lift(plan: LiftPlan, lifter: Lifter, inputs: dict[str, Value]) -> dict[str, 
                 f"its output {tensor[1]} (read by '{consumer.name}') has no lifted form")
         return value
 
-    for name in plan.order:
+    order, fused = plan.for_lifter(lifter)
+    for name in order:
         node = nodes[name]
         if node.op == "Placeholder":
             if tensor_of(name) not in values:
                 raise UnsupportedOpError(node.op, node.name, "a placeholder outside the "
                                          "serving signature")
             continue
-        ins = [value_of(t, node) for t in _inputs(node, plan.fused)]
-        node = plan.fused.get(name, node)
+        ins = [value_of(t, node) for t in _inputs(node, fused)]
+        node = fused.get(name, node)
         if not any(v.per_model for v in ins) and not isinstance(node, FusedNode):
             outs = [Value(SHARED, tensor=t) for t in lifter.clone(node, [lifter.shared(v)
                                                                         for v in ins])]

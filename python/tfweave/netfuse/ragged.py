@@ -18,7 +18,7 @@ import string
 import numpy as np
 
 from tfweave.netfuse.errors import UnsupportedOpError
-from tfweave.netfuse.fusion import GELU
+from tfweave.netfuse.fusion import GELU, LAYER_NORM, PSEUDO_OPS
 from tfweave.netfuse.lifting import (MODEL_CONST, SHARED, STACKED, Value, _static,
                                      _static_int, attr_value)
 
@@ -196,6 +196,25 @@ def _fold_bias(lx, node, ins):
         lx.biased_products[out.ref()] = (rows, weight, sizes, bias, target, static)
         return ragged(out, sizes_of(x))
     return None
+
+
+@ragged_rule(LAYER_NORM)
+def _layer_norm(lx, node, ins):
+    import tensorflow as tf
+    from tfweave.netfuse.lifting import grouped_layer_norm_rows, layer_norm_composite
+    x, gamma, beta = ins
+    rank = len(lx.shape(x))
+    axes = [_normalize(a, rank) for a in node.params["axes"]]
+    _require_not_axis0(node, axes, rank)
+    if axes == [rank - 1]:
+        t = x.tensor
+        rows = tf.size(t) // tf.shape(t)[-1]
+        out = grouped_layer_norm_rows(lx, node, t, _rescaled_sizes(sizes_of(x), tf.shape(t)[0],
+                                                                   rows), gamma, beta)
+        if out is not None:
+            return [ragged(out, sizes_of(x))]
+    args = [_per_row(lx, node, v, x, rank) for v in (x, gamma, beta)]
+    return [ragged(layer_norm_composite(*args, node.params["epsilon"], axes), sizes_of(x))]
 
 
 @ragged_rule(GELU, "Relu")
@@ -574,7 +593,7 @@ def _gather(lx, node, ins):
 
 
 def supported_ragged_ops() -> list[str]:
-    return sorted(op for op in RAGGED_RULES if op != GELU)  # GELU: a pseudo-op
+    return sorted(op for op in RAGGED_RULES if op not in PSEUDO_OPS)
 
 
 def ragged_outputs(plan, lifter, input_names, output_names, rows, sizes) -> dict:

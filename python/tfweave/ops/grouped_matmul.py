@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from tfweave.ops import load_library
 
-__all__ = ["grouped_matmul", "grouped_matmul_weight_grad", "load_ops"]
+__all__ = ["grouped_layer_norm", "grouped_matmul", "grouped_matmul_weight_grad", "load_ops"]
 
 FAMILY = "grouped_matmul"
 
@@ -87,6 +87,44 @@ def grouped_matmul_weight_grad(x, dy, group_sizes, *, transpose_w: bool = False,
     """
     return load_ops().grouped_mat_mul_weight_grad(x, dy, group_sizes, transpose_w=transpose_w,
                                                   name=name)
+
+
+def grouped_layer_norm(x, group_sizes, gamma, beta, *, epsilon: float = 1e-3, name=None):
+    """Layer normalization of each row of ``x`` with its group's ``gamma`` and ``beta``.
+
+    Row ``r`` of group ``g`` becomes ``(x[r] - mean) * rsqrt(var + epsilon) * gamma[g] +
+    beta[g]``, mean and (biased) variance over the row, as Keras's ``LayerNormalization``
+    computes them: NetFuse's merged models run one of these where each member's layer was
+    eleven ops.
+
+    Args:
+      x: ``[T, H]`` float32, the rows of all groups, group after group.
+      group_sizes: ``[G]`` int32 or int64, non-negative, summing to ``T``.
+      gamma, beta: ``[G, H]`` float32.
+      epsilon: added to the variance.
+
+    Raises:
+      tf.errors.InvalidArgumentError: on sizes that do not sum to ``T`` or mismatched shapes.
+    """
+    return load_ops().grouped_layer_norm(x, group_sizes, gamma, beta, epsilon=epsilon,
+                                         name=name)
+
+
+@tf.RegisterGradient("GroupedLayerNorm")
+def _grouped_layer_norm_grad(op, dy):
+    x, group_sizes, gamma, _ = op.inputs
+    epsilon = op.get_attr("epsilon")
+    segments = _segment_ids(group_sizes)
+    groups = tf.shape(group_sizes, out_type=tf.int64)[0]
+    mean = tf.reduce_mean(x, -1, keepdims=True)
+    rstd = tf.math.rsqrt(tf.reduce_mean(tf.square(x - mean), -1, keepdims=True) + epsilon)
+    normalized = (x - mean) * rstd
+    dgamma = tf.math.unsorted_segment_sum(dy * normalized, segments, groups)
+    dbeta = tf.math.unsorted_segment_sum(dy, segments, groups)
+    dnormalized = dy * tf.gather(gamma, segments)
+    dx = rstd * (dnormalized - tf.reduce_mean(dnormalized, -1, keepdims=True)
+                 - normalized * tf.reduce_mean(dnormalized * normalized, -1, keepdims=True))
+    return dx, None, dgamma, dbeta
 
 
 def _segment_ids(group_sizes):

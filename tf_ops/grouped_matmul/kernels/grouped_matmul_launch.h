@@ -45,6 +45,11 @@ template <typename T>
 const char* LaunchGroupedMatMulWeightGradGpu(void* stream, const GroupedMatMulProblem& problem,
                                              const T* x, const T* dy, T* dw);
 
+// GroupedLayerNorm: one block per row; `offsets` as in GroupedMatMulProblem (host memory).
+const char* LaunchGroupedLayerNormGpu(void* stream, int64_t groups, int64_t rows, int64_t h,
+                                      const int64_t* offsets, float epsilon, const float* x,
+                                      const float* gamma, const float* beta, float* y);
+
 }  // namespace functor
 }  // namespace tensorflow
 

@@ -55,7 +55,46 @@ absl::Status GroupedMatMulWeightGradShape(InferenceContext* c) {
   return absl::OkStatus();
 }
 
+// x [T, H], group_sizes [G], gamma [G, H], beta [G, H] -> y [T, H].
+absl::Status GroupedLayerNormShape(InferenceContext* c) {
+  ShapeHandle x, sizes, gamma, beta;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 1, &sizes));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &gamma));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 2, &beta));
+  TF_RETURN_IF_ERROR(c->Merge(gamma, beta, &gamma));
+  DimensionHandle groups, h;
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(gamma, 0), c->Dim(sizes, 0), &groups));
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(gamma, 1), c->Dim(x, 1), &h));
+  c->set_output(0, c->Matrix(c->Dim(x, 0), h));
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+REGISTER_OP("GroupedLayerNorm")
+    .Input("x: T")
+    .Input("group_sizes: Tidx")
+    .Input("gamma: T")
+    .Input("beta: T")
+    .Output("y: T")
+    .Attr("T: {float}")
+    .Attr("Tidx: {int32, int64} = DT_INT32")
+    .Attr("epsilon: float = 0.001")
+    .SetShapeFn(GroupedLayerNormShape)
+    .Doc(R"doc(
+Layer normalization over each row of `x`, with each group's own scale and offset.
+
+For a row r of group g: y[r] = (x[r] - mean) * rsqrt(var + epsilon) * gamma[g] + beta[g],
+where mean and var (the biased variance) are taken over the row, as Keras's
+LayerNormalization computes them. One op instead of the eleven Keras's layer is made of.
+
+x: [T, H], the rows of all groups, group after group.
+group_sizes: [G], non-negative, summing to T.
+gamma: [G, H].
+beta: [G, H].
+y: [T, H].
+)doc");
 
 REGISTER_OP("GroupedMatMul")
     .Input("x: T")
