@@ -132,6 +132,9 @@ class Lifter:
         # The ragged lowering's member index per row, per group sizes tensor (see
         # ragged._segment_ids).
         self.ragged_segment_ids: dict = {}
+        # ... and its group sizes rescaled by a static rows ratio, per (sizes tensor, ratio)
+        # (see ragged._resized_sizes).
+        self.ragged_sizes: dict = {}
         self.use_channels = use_channels and conv_strategy == "grouped"
         self.conv_strategy = conv_strategy
 

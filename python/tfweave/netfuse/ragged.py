@@ -60,6 +60,30 @@ def _segment_ids(lx, sizes):
     return cache[key]
 
 
+def _resized_sizes(lx, sizes, before, after, rows_before, rows_after):
+    """Group sizes after a reshape turned a ragged tensor of static shape ``before`` into one
+    of static shape ``after`` (members' rows kept together). When both have static dims past
+    axis 0, the rows scale by a constant ratio: the sizes are scaled once per (sizes, ratio)
+    and shared by every op that needs them, with no shape ops. Otherwise ``rows_before()`` and
+    ``rows_after()`` (callables, so no shape op is built when it is not needed) give the row
+    counts."""
+    from fractions import Fraction
+    shapes = [before, after]
+    if all(shape and None not in shape[1:] for shape in shapes):
+        per_row = [int(np.prod(shape[1:])) for shape in shapes]
+        if min(per_row) > 0:
+            ratio = Fraction(per_row[0], per_row[1])
+            if ratio == 1:
+                return sizes
+            key = (sizes.ref(), ratio)
+            if key not in lx.ragged_sizes:
+                scaled = sizes * ratio.numerator if ratio.numerator != 1 else sizes
+                lx.ragged_sizes[key] = (scaled // ratio.denominator if ratio.denominator != 1
+                                        else scaled)
+            return lx.ragged_sizes[key]
+    return _rescaled_sizes(sizes, rows_before(), rows_after())
+
+
 def _rescaled_sizes(sizes, rows_before, rows_after):
     """Group sizes after an op changed axis 0 from ``rows_before`` to ``rows_after`` rows while
     keeping every member's rows together (a reshape folding or unfolding inner axes)."""
@@ -166,11 +190,12 @@ def _grouped_matmul(x2d, weight, sizes, transpose_w):
     return grouped_matmul(x2d, weight, sizes, transpose_w=transpose_w)
 
 
-def _record_product(lx, out, target, rows, weight, sizes, m_shape):
+def _record_product(lx, out, target, rows, weight, sizes, m_shape, shape_of):
     """Remembers a GroupedMatMul's output, reshaped to ``target``, so that a bias added next
-    folds into it."""
+    folds into it. ``shape_of()`` builds the output's shape from the product's inputs (never
+    from the product: a shape op on it would keep the unfolded GroupedMatMul running)."""
     lx.grouped_products[out.ref()] = (rows, weight, sizes, target, list(m_shape),
-                                      _static(out.shape))
+                                      _static(out.shape), shape_of)
 
 
 def _fold_bias(lx, node, ins):
@@ -186,7 +211,7 @@ def _fold_bias(lx, node, ins):
     for x, b in pairs:
         if x.kind != RAGGED or b.kind != MODEL_CONST or x.tensor.ref() not in lx.grouped_products:
             continue
-        rows, weight, sizes, target, m_shape, static = lx.grouped_products[x.tensor.ref()]
+        rows, weight, sizes, target, m_shape, static, _ = lx.grouped_products[x.tensor.ref()]
         if list(lx.shape(b)) != m_shape or b.array.dtype != np.float32:
             continue
         m = int(np.prod(m_shape))
@@ -208,9 +233,9 @@ def _layer_norm(lx, node, ins):
     _require_not_axis0(node, axes, rank)
     if axes == [rank - 1]:
         t = x.tensor
-        rows = tf.size(t) // tf.shape(t)[-1]
-        out = grouped_layer_norm_rows(lx, node, t, _rescaled_sizes(sizes_of(x), tf.shape(t)[0],
-                                                                   rows), gamma, beta)
+        sizes = _resized_sizes(lx, sizes_of(x), _static(t.shape), [None, _static(t.shape)[-1]],
+                               lambda: tf.shape(t)[0], lambda: tf.size(t) // tf.shape(t)[-1])
+        out = grouped_layer_norm_rows(lx, node, t, sizes, gamma, beta)
         if out is not None:
             return [ragged(out, sizes_of(x))]
     args = [_per_row(lx, node, v, x, rank) for v in (x, gamma, beta)]
@@ -236,15 +261,17 @@ def _matmul_rows(lx, node, x: Value, w: Value, transpose_w: bool):
     from tfweave.netfuse.lifting import grouped_weight
     weight, m_shape = grouped_weight(lx, w, 1, transposed=transpose_w)
     xt = x.tensor
-    shape = tf.shape(xt)
-    rows = tf.reshape(xt, tf.stack([-1, shape[-1]]))
-    sizes = _rescaled_sizes(sizes_of(x), shape[0], tf.shape(rows)[0])
+    k = lx.shape(w)[-1 if transpose_w else 0]
+    rows = tf.reshape(xt, [-1, k])
+    sizes = _resized_sizes(lx, sizes_of(x), _static(xt.shape), [None, k],
+                           lambda: tf.shape(xt)[0], lambda: tf.shape(rows)[0])
     out = _grouped_matmul(rows, weight, sizes, True)
-    target = tf.concat([shape[:-1], m_shape], 0)
+    target = _ragged_target(xt, 1, m_shape)
     out = tf.reshape(out, target)
     static = _static(xt.shape)
     out.set_shape(static[:-1] + m_shape)
-    _record_product(lx, out, target, rows, weight, sizes, m_shape)
+    _record_product(lx, out, target, rows, weight, sizes, m_shape,
+                    lambda: tf.concat([tf.shape(xt)[:-1], m_shape], 0))
     return [ragged(out, sizes_of(x))]
 
 
@@ -324,16 +351,16 @@ def _einsum_as_grouped_matmul(lx, node, x, w, contracted: int):
     weight, m_shape = grouped_weight(lx, w, contracted, transposed=False)
     k = int(np.prod(lx.shape(w)[:contracted]))
     xt = x.tensor
-    shape = tf.shape(xt)
-    free = shape[:tf.size(shape) - contracted]
-    rows = tf.reshape(xt, tf.stack([-1, k]))
-    sizes = _rescaled_sizes(sizes_of(x), shape[0], tf.shape(rows)[0])
+    rows = tf.reshape(xt, [-1, k])
+    sizes = _resized_sizes(lx, sizes_of(x), _static(xt.shape), [None, k],
+                           lambda: tf.shape(xt)[0], lambda: tf.shape(rows)[0])
     out = _grouped_matmul(rows, weight, sizes, True)
-    target = tf.concat([free, tf.constant(m_shape, tf.int32)], 0)
+    target = _ragged_target(xt, contracted, m_shape)
     out = tf.reshape(out, target)
     static = _static(xt.shape)
     out.set_shape(static[:len(static) - contracted] + m_shape)
-    _record_product(lx, out, target, rows, weight, sizes, m_shape)
+    _record_product(lx, out, target, rows, weight, sizes, m_shape, lambda: tf.concat(
+        [tf.shape(xt)[:len(static) - contracted], tf.constant(m_shape, tf.int32)], 0))
     return [ragged(out, sizes_of(x))]
 
 
@@ -429,21 +456,37 @@ def _reshape(lx, node, ins):
     out = lx.clone(node, [x.tensor, target])[0]
     product = lx.grouped_products.get(x.tensor.ref())
     if product is None:
-        sizes = _rescaled_sizes(sizes_of(x), tf.shape(x.tensor)[0], tf.shape(out)[0])
+        sizes = _resized_sizes(lx, sizes_of(x), _static(x.tensor.shape), _static(out.shape),
+                               lambda: tf.shape(x.tensor)[0], lambda: tf.shape(out)[0])
         return [ragged(out, sizes)]
     # The shapes come from the product's planned shape, not from the product itself: a
     # tf.shape of it would keep the GroupedMatMul running after a bias folds in below.
-    product_shape = product[3]
-    resolved = _reshaped_shape(product_shape, target)
-    sizes = _rescaled_sizes(sizes_of(x), product_shape[0], resolved[0])
+    product_shape = product[6]
+
+    def resolved():
+        return _reshaped_shape(product_shape(), target)
+
+    sizes = _resized_sizes(lx, sizes_of(x), _static(x.tensor.shape), _static(out.shape),
+                           lambda: product_shape()[0], lambda: resolved()[0])
     static = _static(out.shape)
     if static and static[-1] == int(np.prod(product[4])):
         # Dense on 3-D inputs (Tensordot): MatMul, Reshape, then the bias. The rows are the
         # same while the last axis stays M, so the bias can still be folded in.
-        rows, weight, row_sizes, _, m_shape, _ = product
-        lx.grouped_products[out.ref()] = (rows, weight, row_sizes, resolved,
-                                          [int(np.prod(m_shape))], static)
+        rows, weight, row_sizes, _, m_shape, _, _ = product
+        lx.grouped_products[out.ref()] = (rows, weight, row_sizes, target,
+                                          [int(np.prod(m_shape))], static, resolved)
     return [ragged(out, sizes)]
+
+
+def _ragged_target(xt, contracted: int, m_shape):
+    """The shape of ``xt`` with its last ``contracted`` axes replaced by ``m_shape``: a
+    constant with -1 for the rows when the other dims are static."""
+    import tensorflow as tf
+    static = _static(xt.shape)[:len(_static(xt.shape)) - contracted]
+    if None not in static[1:]:
+        return [-1] + static[1:] + list(m_shape)
+    shape = tf.shape(xt)
+    return tf.concat([shape[:len(static)], tf.constant(list(m_shape), tf.int32)], 0)
 
 
 def _reshaped_shape(shape, target):
