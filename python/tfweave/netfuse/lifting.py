@@ -1090,11 +1090,30 @@ def _reshape(lx, node, ins):
         # Dense on 3-D inputs (Tensordot): MatMul, Reshape, then the bias. The rows are the
         # same while the last axis stays M, so the bias can still be folded in.
         rows, weight, sizes, _, m_shape, _ = products[x.tensor.ref()]
-        m = int(np.prod(m_shape))
         static = _static(out.shape)
-        if static and static[-1] == m:
-            products[out.ref()] = (rows, weight, sizes, target, [m], static)
+        suffix = product_suffix(static, int(np.prod(m_shape)))
+        if suffix:
+            products[out.ref()] = (rows, weight, sizes, target, suffix, static)
     return [Value(STACKED, out)]
+
+
+def product_suffix(static, m: int) -> list | None:
+    """The trailing static dims of a reshaped product that hold one product row (M values):
+    a bias of that shape can still be folded in. [..., 2, 8] for M = 16 (an einsum's heads x
+    head size that Grappler turned into MatMul + Reshape), [..., 16]; None if no suffix fits."""
+    if not static:
+        return None
+    size = 1
+    for j in range(1, len(static)):
+        dim = static[-j]
+        if dim is None:
+            return None
+        size *= dim
+        if size == m:
+            return list(static[-j:])
+        if size > m:
+            return None
+    return None
 
 
 @rule("Transpose")

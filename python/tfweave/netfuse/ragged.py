@@ -20,7 +20,7 @@ import numpy as np
 from tfweave.netfuse.errors import UnsupportedOpError
 from tfweave.netfuse.fusion import GELU, LAYER_NORM, PSEUDO_OPS
 from tfweave.netfuse.lifting import (MODEL_CONST, SHARED, STACKED, Value, _static,
-                                     _static_int, attr_value)
+                                     _static_int, attr_value, product_suffix)
 
 RAGGED = "ragged"
 RAGGED_RULES: dict = {}
@@ -469,12 +469,13 @@ def _reshape(lx, node, ins):
     sizes = _resized_sizes(lx, sizes_of(x), _static(x.tensor.shape), _static(out.shape),
                            lambda: product_shape()[0], lambda: resolved()[0])
     static = _static(out.shape)
-    if static and static[-1] == int(np.prod(product[4])):
-        # Dense on 3-D inputs (Tensordot): MatMul, Reshape, then the bias. The rows are the
-        # same while the last axis stays M, so the bias can still be folded in.
-        rows, weight, row_sizes, _, m_shape, _, _ = product
-        lx.grouped_products[out.ref()] = (rows, weight, row_sizes, target,
-                                          [int(np.prod(m_shape))], static, resolved)
+    suffix = product_suffix(static, int(np.prod(product[4])))
+    if suffix:
+        # Dense on 3-D inputs (Tensordot): MatMul, Reshape, then the bias. Each product row
+        # is still one block of trailing dims, so the bias can still be folded in.
+        rows, weight, row_sizes = product[:3]
+        lx.grouped_products[out.ref()] = (rows, weight, row_sizes, target, suffix, static,
+                                          resolved)
     return [ragged(out, sizes)]
 
 
