@@ -147,3 +147,20 @@ def test_bert_layer_norms_are_fused_in_grouped_and_ragged_modes():
         # embeddings, then two per layer
         assert types.count("GroupedLayerNorm") == 5, mode
         assert "Rsqrt" not in types and "SquaredDifference" not in types, mode
+
+
+@pytest.mark.parametrize("mode,signature", [("grouped", "prefixed"), ("ragged", "ragged")])
+def test_layer_norms_the_members_share_are_fused_too(mode, signature, rng):
+    # fine-tuning that left the norms frozen: every member has member 0's gamma and beta
+    models = _members(_bert, 3)
+    for model in models[1:]:
+        for layer, reference in zip(model.layers, models[0].layers):
+            if "layer_normalization" in layer.name:
+                layer.set_weights(reference.get_weights())
+    merged = netfuse.merge(models, mode=mode)
+    types = [op.type for op in _run_ops(merged.functions[signature])]
+    assert types.count("GroupedLayerNorm") == 5 and "Rsqrt" not in types
+    assert types.count("Tile") == 10   # the shared gamma and beta, one row per member
+    inputs = [{"token_ids": rng.integers(0, 40, size=(b, 6)).astype("int32"),
+               "padding_mask": np.ones((b, 6), "int32")} for b in (1, 3, 2)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(3)}), inputs)

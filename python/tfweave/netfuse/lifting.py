@@ -618,11 +618,25 @@ def grouped_layer_norm_rows(lx, node, rows_tensor, sizes, gamma: Value, beta: Va
     from tfweave.ops.grouped_matmul import grouped_layer_norm
     static = _static(rows_tensor.shape)
     h = static[-1] if static else None
-    if h is None or any(v.kind != MODEL_CONST or v.array.dtype != np.float32 or
-                        int(np.prod(lx.shape(v))) != h for v in (gamma, beta)):
+    if h is None or rows_tensor.dtype != tf.float32:
+        return None  # the op is float32 only
+    if any(v.kind not in (MODEL_CONST, SHARED) or lx.shape(v) is None or
+           int(np.prod(lx.shape(v))) != h for v in (gamma, beta)):
         return None
-    weights = [lx.weight(v, "grouped_norm", lambda a: a.reshape(a.shape[0], h))
-               for v in (gamma, beta)]
+
+    def per_group(v):
+        if v.kind == MODEL_CONST:
+            if v.array.dtype != np.float32:
+                return None
+            return lx.weight(v, "grouped_norm", lambda a: a.reshape(a.shape[0], h))
+        shared = lx.shared(v)  # the members share it (a norm left out of fine-tuning)
+        if shared.dtype != tf.float32:
+            return None
+        return tf.tile(tf.reshape(shared, [1, h]), [lx.n, 1])
+
+    weights = [per_group(v) for v in (gamma, beta)]
+    if any(w is None for w in weights):
+        return None
     rows = tf.reshape(rows_tensor, [-1, h])
     out = grouped_layer_norm(rows, sizes, *weights, epsilon=node.params["epsilon"])
     out = tf.reshape(out, tf.shape(rows_tensor) if shape is None else shape)
