@@ -164,3 +164,17 @@ def test_layer_norms_the_members_share_are_fused_too(mode, signature, rng):
     inputs = [{"token_ids": rng.integers(0, 40, size=(b, 6)).astype("int32"),
                "padding_mask": np.ones((b, 6), "int32")} for b in (1, 3, 2)]
     assert_members_match(models, merged.run({i: inputs[i] for i in range(3)}), inputs)
+
+
+@pytest.mark.parametrize("mode,signature", [("grouped", "prefixed"), ("ragged", "ragged")])
+def test_a_bias_the_members_share_still_folds_into_the_product(mode, signature, rng):
+    models = _members(lambda s: arch.mlp(s, features=10, hidden=(12, 7), classes=4), 3)
+    for model in models[1:]:   # the first hidden layer's bias was frozen in fine-tuning
+        kernel, _ = model.layers[1].get_weights()
+        model.layers[1].set_weights([kernel, models[0].layers[1].get_weights()[1]])
+    merged = netfuse.merge(models, mode=mode)
+    ops = _run_ops(merged.functions[signature])
+    assert _activations(ops) == ["none", "relu", "relu"]
+    assert "Tile" in [op.type for op in ops]
+    inputs = [{"features": rng.normal(size=(b, 10)).astype("float32")} for b in (1, 4, 2)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(3)}), inputs)

@@ -548,18 +548,37 @@ def _grouped_bias(lx: Lifter, node, ins):
         return None
     pairs = [(ins[0], ins[1])] if node.op.startswith("BiasAdd") else [ins, ins[::-1]]
     for x, b in pairs:
-        if x.kind != STACKED or b.kind != MODEL_CONST or x.tensor.ref() not in products:
+        if x.kind != STACKED or x.tensor.ref() not in products:
             continue
         rows, weight, sizes, target, m_shape, static = products[x.tensor.ref()]
-        if list(lx.shape(b)) != list(m_shape) or b.array.dtype != np.float32:
+        if lx.shape(b) is None or list(lx.shape(b)) != list(m_shape):
             continue
-        m = int(np.prod(m_shape))
-        bias = lx.weight(b, "grouped_bias", lambda a: a.reshape(a.shape[0], m))
+        bias = per_member_rows(lx, b, int(np.prod(m_shape)), "grouped_bias")
+        if bias is None:
+            continue
         out = tf.reshape(grouped_matmul(rows, weight, sizes, bias, transpose_w=True), target)
         out.set_shape(static)
         lx.biased_products[out.ref()] = (rows, weight, sizes, bias, target, static)
         return [Value(STACKED, out)]
     return None
+
+
+def per_member_rows(lx: Lifter, v: Value, size: int, transform: str):
+    """A per-model or shared float32 operand of ``size`` values as ``[N, size]``, one row per
+    member (a bias or a norm's scale for the grouped ops); None for anything else. Shared
+    values are the members' own too: fine-tuning that froze a bias or a norm merges it as one
+    constant."""
+    import tensorflow as tf
+    if v.kind == MODEL_CONST:
+        if v.array.dtype != np.float32 or v.array[0].size != size:
+            return None
+        return lx.weight(v, transform, lambda a: a.reshape(a.shape[0], size))
+    if v.kind != SHARED:
+        return None
+    shared = lx.shared(v)
+    if shared.dtype != tf.float32 or shared.shape.num_elements() != size:
+        return None
+    return tf.tile(tf.reshape(shared, [1, size]), [lx.n, 1])
 
 
 def fold_activation(lx: Lifter, t, activation: str):
@@ -620,21 +639,7 @@ def grouped_layer_norm_rows(lx, node, rows_tensor, sizes, gamma: Value, beta: Va
     h = static[-1] if static else None
     if h is None or rows_tensor.dtype != tf.float32:
         return None  # the op is float32 only
-    if any(v.kind not in (MODEL_CONST, SHARED) or lx.shape(v) is None or
-           int(np.prod(lx.shape(v))) != h for v in (gamma, beta)):
-        return None
-
-    def per_group(v):
-        if v.kind == MODEL_CONST:
-            if v.array.dtype != np.float32:
-                return None
-            return lx.weight(v, "grouped_norm", lambda a: a.reshape(a.shape[0], h))
-        shared = lx.shared(v)  # the members share it (a norm left out of fine-tuning)
-        if shared.dtype != tf.float32:
-            return None
-        return tf.tile(tf.reshape(shared, [1, h]), [lx.n, 1])
-
-    weights = [per_group(v) for v in (gamma, beta)]
+    weights = [per_member_rows(lx, v, h, "grouped_norm") for v in (gamma, beta)]
     if any(w is None for w in weights):
         return None
     rows = tf.reshape(rows_tensor, [-1, h])

@@ -20,7 +20,7 @@ import numpy as np
 from tfweave.netfuse.errors import UnsupportedOpError
 from tfweave.netfuse.fusion import GELU, LAYER_NORM, PSEUDO_OPS
 from tfweave.netfuse.lifting import (MODEL_CONST, SHARED, STACKED, Value, _static,
-                                     _static_int, attr_value, product_suffix)
+                                     _static_int, attr_value, per_member_rows, product_suffix)
 
 RAGGED = "ragged"
 RAGGED_RULES: dict = {}
@@ -209,13 +209,14 @@ def _fold_bias(lx, node, ins):
         return None
     pairs = [(ins[0], ins[1])] if node.op == "BiasAdd" else [ins, ins[::-1]]
     for x, b in pairs:
-        if x.kind != RAGGED or b.kind != MODEL_CONST or x.tensor.ref() not in lx.grouped_products:
+        if x.kind != RAGGED or x.tensor.ref() not in lx.grouped_products:
             continue
         rows, weight, sizes, target, m_shape, static, _ = lx.grouped_products[x.tensor.ref()]
-        if list(lx.shape(b)) != m_shape or b.array.dtype != np.float32:
+        if lx.shape(b) is None or list(lx.shape(b)) != m_shape:
             continue
-        m = int(np.prod(m_shape))
-        bias = lx.weight(b, "grouped_bias", lambda a: a.reshape(a.shape[0], m))
+        bias = per_member_rows(lx, b, int(np.prod(m_shape)), "grouped_bias")
+        if bias is None:
+            continue
         out = tf.reshape(grouped_matmul(rows, weight, sizes, bias, transpose_w=True), target)
         out.set_shape(static)
         lx.biased_products[out.ref()] = (rows, weight, sizes, bias, target, static)
