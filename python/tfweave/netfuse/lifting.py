@@ -535,9 +535,17 @@ def _stacked_shape(t, free_rank: int, tail):
 
 
 def _grouped_bias(lx: Lifter, node, ins):
-    """``product + bias`` where the product is a GroupedMatMul and the bias a per-model
-    ``[M...]``: one GroupedMatMulBias (the product without bias is left unused and pruned).
-    Returns None when the pattern does not apply."""
+    """``product + bias`` where the product is a GroupedMatMul and the bias a per-model (or
+    shared) ``[M...]``: one GroupedMatMulBias (the product without bias is left unused and
+    pruned). Returns None when the pattern does not apply."""
+    folded = fold_bias(lx, node, ins, STACKED)
+    return None if folded is None else [Value(STACKED, folded[1])]
+
+
+def fold_bias(lx: Lifter, node, ins, kind: str):
+    """(the product's Value, GroupedMatMulBias output) for ``product + bias`` when the product
+    (a ``kind`` value, stacked or ragged) is a recorded GroupedMatMul and the bias has its
+    output shape; None otherwise. Records the result for a following activation."""
     import tensorflow as tf
     from tfweave.ops.grouped_matmul import grouped_matmul
     products = lx.grouped_products
@@ -548,9 +556,9 @@ def _grouped_bias(lx: Lifter, node, ins):
         return None
     pairs = [(ins[0], ins[1])] if node.op.startswith("BiasAdd") else [ins, ins[::-1]]
     for x, b in pairs:
-        if x.kind != STACKED or x.tensor.ref() not in products:
+        if x.kind != kind or x.tensor.ref() not in products:
             continue
-        rows, weight, sizes, target, m_shape, static = products[x.tensor.ref()]
+        rows, weight, sizes, target, m_shape, static = products[x.tensor.ref()][:6]
         if lx.shape(b) is None or list(lx.shape(b)) != list(m_shape):
             continue
         bias = per_member_rows(lx, b, int(np.prod(m_shape)), "grouped_bias")
@@ -559,7 +567,7 @@ def _grouped_bias(lx: Lifter, node, ins):
         out = tf.reshape(grouped_matmul(rows, weight, sizes, bias, transpose_w=True), target)
         out.set_shape(static)
         lx.biased_products[out.ref()] = (rows, weight, sizes, bias, target, static)
-        return [Value(STACKED, out)]
+        return x, out
     return None
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from tfweave.netfuse.errors import UnsupportedOpError
 from tfweave.netfuse.fusion import GELU, LAYER_NORM, PSEUDO_OPS
 from tfweave.netfuse.lifting import (MODEL_CONST, SHARED, STACKED, Value, _static,
-                                     _static_int, attr_value, per_member_rows, product_suffix)
+                                     _static_int, attr_value, product_suffix)
 
 RAGGED = "ragged"
 RAGGED_RULES: dict = {}
@@ -199,29 +199,12 @@ def _record_product(lx, out, target, rows, weight, sizes, m_shape, shape_of):
 
 
 def _fold_bias(lx, node, ins):
-    """``product + bias`` for a ragged GroupedMatMul product and a per-model bias of the
-    product's output shape: one GroupedMatMulBias (which a following activation can join, see
-    _activation). The per-row bias gather and the add are gone. None when that does not apply."""
-    import tensorflow as tf
-    from tfweave.ops.grouped_matmul import grouped_matmul
-    if len(ins) != 2 or (node.op == "BiasAdd" and
-                         node.attr["data_format"].s.decode().startswith("NC")):
-        return None
-    pairs = [(ins[0], ins[1])] if node.op == "BiasAdd" else [ins, ins[::-1]]
-    for x, b in pairs:
-        if x.kind != RAGGED or x.tensor.ref() not in lx.grouped_products:
-            continue
-        rows, weight, sizes, target, m_shape, static, _ = lx.grouped_products[x.tensor.ref()]
-        if lx.shape(b) is None or list(lx.shape(b)) != m_shape:
-            continue
-        bias = per_member_rows(lx, b, int(np.prod(m_shape)), "grouped_bias")
-        if bias is None:
-            continue
-        out = tf.reshape(grouped_matmul(rows, weight, sizes, bias, transpose_w=True), target)
-        out.set_shape(static)
-        lx.biased_products[out.ref()] = (rows, weight, sizes, bias, target, static)
-        return ragged(out, sizes_of(x))
-    return None
+    """``product + bias`` for a ragged GroupedMatMul product: one GroupedMatMulBias (which a
+    following activation can join, see _activation), in place of a per-row bias gather and
+    an add. None when that does not apply."""
+    from tfweave.netfuse.lifting import fold_bias
+    folded = fold_bias(lx, node, ins, RAGGED)
+    return None if folded is None else ragged(folded[1], sizes_of(folded[0]))
 
 
 @ragged_rule(LAYER_NORM)
