@@ -104,40 +104,52 @@ def _either(pair):
     return (pair, pair[::-1]) if pair else ()
 
 
+def _normalizer(nodes, inv_t):
+    """(x, mean, gamma, epsilon, axes) when ``inv_t`` is ``rsqrt(variance + epsilon) * gamma``
+    with ``variance = mean((x - stop_gradient(mean))^2)`` and ``mean = mean(x)``, both over
+    the same axes with keep_dims; else None."""
+    for rsqrt_t, gamma in _either(_operands(nodes, nodes[inv_t[0]], "Mul")):
+        rsqrt = _producer(nodes, rsqrt_t, "Rsqrt")
+        if rsqrt is None:
+            continue
+        var_eps = _operands(nodes, nodes[resolve(nodes, data_inputs(rsqrt)[0])[0]], "AddV2")
+        for variance_t, eps_t in _either(var_eps):
+            epsilon, variance = _scalar(nodes, eps_t), _kept_mean(nodes, variance_t)
+            if epsilon is None or variance is None:
+                continue
+            spread = _operands(nodes, nodes[variance[0][0]], "SquaredDifference")
+            for x, held_t in _either(spread):
+                held = _producer(nodes, held_t, "StopGradient")
+                mean_t = resolve(nodes, data_inputs(held)[0]) if held else None
+                mean = _kept_mean(nodes, mean_t) if mean_t else None
+                if mean is not None and mean[0] == x and mean[1] == variance[1]:
+                    return x, mean_t, gamma, epsilon, mean[1]
+    return None
+
+
+def _shift(nodes, shifted_t, inv_t, mean_t):
+    """beta when ``shifted_t`` is ``-mean * inv + beta``; else None."""
+    for centred_t, beta in _either(_operands(nodes, nodes[shifted_t[0]], "AddV2")):
+        for neg_t, inv in _either(_operands(nodes, nodes[centred_t[0]], "Mul")):
+            neg = _producer(nodes, neg_t, "Neg")
+            if neg is not None and inv == inv_t and \
+                    resolve(nodes, data_inputs(neg)[0]) == mean_t:
+                return beta
+    return None
+
+
 def _layer_norm_parts(nodes, node):
-    """(x, gamma, beta, epsilon, axes) when ``node`` ends Keras's LayerNormalization:
-    ``x * inv + (-mean * inv + beta)`` with ``inv = rsqrt(variance + epsilon) * gamma``,
-    ``mean, variance = moments(x)``; else None."""
+    """(x, gamma, beta, epsilon, axes) when ``node`` ends Keras's LayerNormalization,
+    ``x * inv + (-mean * inv + beta)`` (see _normalizer for inv); else None."""
     for scaled_t, shifted_t in _either(_operands(nodes, node, "AddV2")):
-        scaled = _operands(nodes, nodes[scaled_t[0]], "Mul")
-        shifted = _operands(nodes, nodes[shifted_t[0]], "AddV2")
-        for x, inv_t in _either(scaled):
-            inv = _operands(nodes, nodes[inv_t[0]], "Mul")
-            for rsqrt_t, gamma in _either(inv):
-                rsqrt = _producer(nodes, rsqrt_t, "Rsqrt")
-                if rsqrt is None:
-                    continue
-                var_eps = _operands(nodes, nodes[resolve(nodes, data_inputs(rsqrt)[0])[0]],
-                                    "AddV2")
-                for variance_t, eps_t in _either(var_eps):
-                    epsilon = _scalar(nodes, eps_t)
-                    variance = _kept_mean(nodes, variance_t)
-                    if epsilon is None or variance is None:
-                        continue
-                    spread = _operands(nodes, nodes[variance[0][0]], "SquaredDifference")
-                    for x2, held_t in _either(spread):
-                        held = _producer(nodes, held_t, "StopGradient")
-                        mean_t = resolve(nodes, data_inputs(held)[0]) if held else None
-                        mean = _kept_mean(nodes, mean_t) if mean_t else None
-                        if x2 != x or mean is None or mean[0] != x or mean[1] != variance[1]:
-                            continue
-                        for centred_t, beta in _either(shifted):
-                            centred = _operands(nodes, nodes[centred_t[0]], "Mul")
-                            for neg_t, inv2 in _either(centred):
-                                neg = _producer(nodes, neg_t, "Neg")
-                                if (neg is not None and inv2 == inv_t and
-                                        resolve(nodes, data_inputs(neg)[0]) == mean_t):
-                                    return x, gamma, beta, epsilon, mean[1]
+        for x, inv_t in _either(_operands(nodes, nodes[scaled_t[0]], "Mul")):
+            found = _normalizer(nodes, inv_t)
+            if found is None or found[0] != x:
+                continue
+            _, mean_t, gamma, epsilon, axes = found
+            beta = _shift(nodes, shifted_t, inv_t, mean_t)
+            if beta is not None:
+                return x, gamma, beta, epsilon, axes
     return None
 
 
