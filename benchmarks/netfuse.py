@@ -50,7 +50,6 @@ def read_bandwidth_gbs() -> float:
     reduce = tf.function(lambda: tf.reduce_sum(big))
     reduce()
     best = min(_timed(reduce) for _ in range(5))
-    del big
     return 512 * 2**20 / best / 1e9
 
 

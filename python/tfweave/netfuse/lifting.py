@@ -594,7 +594,7 @@ def fold_activation(lx: Lifter, t, activation: str):
     output (the product without it is then left unused and pruned); None otherwise."""
     import tensorflow as tf
     from tfweave.ops.grouped_matmul import grouped_matmul
-    found = lx.biased_products.get(t.ref())
+    found = lx.biased_products.get(t.ref()) if t is not None else None
     if found is None:
         return None
     rows, weight, sizes, bias, target, static = found
@@ -613,10 +613,9 @@ def exact_gelu(t):
 @rule(GELU)
 def _gelu(lx, node, ins):
     (x,) = ins
-    if x.kind == STACKED:
-        fused = fold_activation(lx, x.tensor, "gelu")
-        if fused is not None:
-            return [Value(STACKED, fused)]
+    fused = fold_activation(lx, x.tensor, "gelu")  # only stacked products are recorded
+    if fused is not None:
+        return [Value(STACKED, fused)]
     if x.kind == CHANNELS:
         return [Value(CHANNELS, exact_gelu(x.tensor))]
     if x.kind == SHARED:
@@ -663,7 +662,6 @@ def _last_axis_only(node, rank: int) -> bool:
 
 @rule(LAYER_NORM)
 def _layer_norm(lx, node, ins):
-    import tensorflow as tf
     x, gamma, beta = ins
     rank = lx.rank(x, node)
     if x.kind == STACKED and _last_axis_only(node, rank):
@@ -680,12 +678,8 @@ def _layer_norm(lx, node, ins):
 
 @rule("Relu")
 def _relu(lx, node, ins):
-    (x,) = ins
-    if x.kind == STACKED:
-        fused = fold_activation(lx, x.tensor, "relu")
-        if fused is not None:
-            return [Value(STACKED, fused)]
-    return _unary(lx, node, ins)
+    fused = fold_activation(lx, ins[0].tensor, "relu")
+    return [Value(STACKED, fused)] if fused is not None else _unary(lx, node, ins)
 
 
 def grouped_weight(lx: Lifter, w: Value, contracted: int, transposed: bool):
@@ -968,11 +962,8 @@ def _fused_batch_norm(lx, node, ins):
         (y,) = elementwise(lx, mul_node, [x, av])
         (y,) = elementwise(lx, add_node, [y, bv])
         return [y]
-    # Training mode (tf_keras LayerNormalization uses it): statistics per member and channel.
-        if any(v.kind not in (SHARED, MODEL_CONST) or (v.kind == SHARED and v.array is None)
-               for v in params):
-            raise UnsupportedOpError(node.op, node.name, "batch-norm parameters from inputs")
-
+    # Training mode (tf_keras LayerNormalization uses it): statistics per member and channel;
+    # per_channel refuses scale and offset computed from inputs.
     xs = lx.stacked(x)
     axes = [a + 1 for a in range(rank) if a != channel_axis]
     batch_mean = tf.reduce_mean(xs, axes, keepdims=True)

@@ -13,13 +13,11 @@ ops are loaded (tfweave's own server, or a TF Serving built with them).
 
 from __future__ import annotations
 
-import string
-
 import numpy as np
 
 from tfweave.netfuse.errors import UnsupportedOpError
 from tfweave.netfuse.fusion import GELU, LAYER_NORM, PSEUDO_OPS
-from tfweave.netfuse.lifting import (MODEL_CONST, SHARED, STACKED, Value, _static,
+from tfweave.netfuse.lifting import (MODEL_CONST, SHARED, Value, _static,
                                      _static_int, attr_value, product_suffix)
 
 RAGGED = "ragged"
