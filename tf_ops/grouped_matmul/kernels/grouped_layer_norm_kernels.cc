@@ -25,9 +25,6 @@ namespace {
 using CPUDevice = Eigen::ThreadPoolDevice;
 using GPUDevice = Eigen::GpuDevice;
 
-// Rows [begin, end) of group g. The arithmetic follows Keras's LayerNormalization step by step
-// (mean, variance of the differences, inv = rsqrt(var + eps) * gamma, y = x * inv +
-// (beta - mean * inv)), so the result rounds like the layer the merge replaced.
 // Sums in kLanes independent partial sums (as a vector reduction does): one running sum would
 // make each add wait for the one before.
 constexpr int kLanes = 8;
@@ -84,6 +81,9 @@ void NormalizeRowsAvx512(const float* x, const float* gamma, const float* beta, 
 #pragma GCC pop_options
 #endif
 
+// Rows [begin, end) of one group. The arithmetic follows Keras's LayerNormalization step by
+// step (mean, variance of the differences, inv = rsqrt(var + eps) * gamma, y = x * inv +
+// (beta - mean * inv)), so the result rounds like the layer the merge replaced.
 void NormalizeRowsScalar(const float* x, const float* gamma, const float* beta, float epsilon,
                          int64_t h, int64_t begin, int64_t end, float* y) {
   for (int64_t r = begin; r < end; ++r) {
