@@ -9,6 +9,7 @@ Flags are tensorflow_model_server's (``--port``, ``--rest_api_port``, ``--model_
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -88,6 +89,12 @@ def main(args) -> int:
     except (ConfigError, ValueError, OSError) as error:
         print(f"tfweave serve: {error}", file=sys.stderr)
         return 2
+    # Loading TensorFlow and the models leaves millions of long-lived Python objects, and a
+    # full collection walks them all: measured at 100-150 ms on a merged model, stalling every
+    # request in flight (the sporadic p99 spikes under load). Freezing them keeps later full
+    # collections down to what serving itself allocates.
+    gc.collect()
+    gc.freeze()
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
