@@ -314,3 +314,27 @@ def test_prometheus_page_counts_requests_and_merged_batches(server, stubs):
     busy = next(l for l in text.splitlines()
                 if l.startswith(':tfweave:serving:batch_run_seconds{model_name="merged"}'))
     assert float(busy.split()[-1]) > 0   # the merged runs above took some time
+
+
+def test_server_freezes_its_startup_heap_and_exports_collector_pauses(server, stubs):
+    # A full collection over TensorFlow's and the models' objects stalled every request in
+    # flight for 100-150 ms; the server moves them out of the collector's view at startup.
+    predict, _ = stubs
+    x = np.ones((1, IN_DIM), np.float32)
+
+    def metric_lines():
+        return requests.get(f"{server.rest}/monitoring/prometheus/metrics",
+                            timeout=30).text.splitlines()
+
+    collections = 0
+    for _ in range(20):   # serve until the young generation has been collected (bounded)
+        for _ in range(50):
+            predict.Predict(predict_request("member0", x), timeout=30)
+        collections = sum(int(l.split()[-1]) for l in metric_lines()
+                          if l.startswith(":tfweave:serving:gc_pause_us_count"))
+        if collections:
+            break
+    assert collections > 0
+    frozen = next(l for l in metric_lines()
+                  if l.startswith(":tfweave:serving:gc_frozen_objects "))
+    assert int(frozen.split()[-1]) > 100_000   # TensorFlow alone leaves more than that

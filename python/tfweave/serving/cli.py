@@ -95,6 +95,7 @@ def main(args) -> int:
     # collections down to what serving itself allocates.
     gc.collect()
     gc.freeze()
+    server.metrics.watch_collector()
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

@@ -8,7 +8,9 @@ many members shared a run, queue depth) lives under ``:tfweave:serving:``.
 from __future__ import annotations
 
 import bisect
+import gc
 import threading
+import time
 from collections import defaultdict
 
 LATENCY_BUCKETS_US = [100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000,
@@ -50,6 +52,30 @@ class Metrics:
         self._runs = defaultdict(int)
         self._run_seconds = defaultdict(float)      # model -> time spent running batches
         self.queue_depths = lambda: {}
+        self._gc_pauses: dict[int, _Histogram] | None = None   # generation -> pause (us)
+        self._gc_started = 0.0
+
+    def watch_collector(self) -> None:
+        """Export the garbage collector's pauses (``:tfweave:serving:gc_pause_us`` by
+        generation) and how many objects ``gc.freeze()`` took out of its view: a full
+        collection stops every request in flight, so its pauses belong beside the latency.
+        For the process that owns the server (``tfweave serve``): the hook is process-wide."""
+        if self._gc_pauses is not None:
+            return
+        self._gc_pauses = {}
+        gc.callbacks.append(self._on_collection)
+
+    def _on_collection(self, phase: str, info: dict) -> None:
+        # Runs inside the collector, on whichever thread triggered it: no allocation-heavy
+        # work and no lock another collection could be waiting on (the GIL serialises these).
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        pause_us = (time.perf_counter() - self._gc_started) * 1e6
+        histogram = self._gc_pauses.get(info["generation"])
+        if histogram is None:
+            histogram = self._gc_pauses[info["generation"]] = _Histogram(LATENCY_BUCKETS_US)
+        histogram.observe(pause_us)
 
     def observe_request(self, model: str, api: str, entrypoint: str, status: str,
                         seconds: float) -> None:
@@ -103,6 +129,13 @@ class Metrics:
             for model, h in sorted(self._members.items()):
                 self._histogram(lines, ":tfweave:serving:members_per_run", h,
                                 [("model_name", model)])
+        if self._gc_pauses is not None:
+            lines += ["# TYPE :tfweave:serving:gc_pause_us histogram"]
+            for generation, h in sorted(dict(self._gc_pauses).items()):
+                self._histogram(lines, ":tfweave:serving:gc_pause_us", h,
+                                [("generation", generation)])
+            lines += ["# TYPE :tfweave:serving:gc_frozen_objects gauge",
+                      f":tfweave:serving:gc_frozen_objects {gc.get_freeze_count()}"]
         lines += ["# TYPE :tfweave:serving:queue_depth gauge"]
         for model, depth in sorted(self.queue_depths().items()):
             lines.append(":tfweave:serving:queue_depth" + _labels([("model_name", model)])
