@@ -18,6 +18,13 @@ def gmm(grouped_matmul_library):
     return grouped_matmul
 
 
+def _assert_gradient_matches_numeric(f, args, delta):
+    """Every Jacobian of ``f`` at ``args``: the registered gradient against finite differences."""
+    theoretical, numerical = tf.test.compute_gradient(f, args, delta=delta)
+    for t, n in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, n, rtol=2e-2, atol=2e-2)
+
+
 def _problem(sizes, k, m, *, seed=0, dtype=np.float32):
     rng = np.random.default_rng(seed)
     sizes = np.asarray(sizes)
@@ -132,9 +139,7 @@ def test_gradients_for_x_w_and_bias_match_numeric_gradients(gmm, transpose_w, in
     def f(x, w, b):
         return gmm.grouped_matmul(x, w, sizes, bias=b, transpose_w=transpose_w)
 
-    theoretical, numerical = tf.test.compute_gradient(f, [x, w_arg, bias], delta=1e-2)
-    for t, n in zip(theoretical, numerical):
-        np.testing.assert_allclose(t, n, rtol=2e-2, atol=2e-2)
+    _assert_gradient_matches_numeric(f, [x, w_arg, bias], delta=1e-2)
 
 
 def test_gradient_without_bias_and_second_order_match_numeric(gmm):
@@ -145,18 +150,14 @@ def test_gradient_without_bias_and_second_order_match_numeric(gmm):
     def first_order(x, w):
         return gmm.grouped_matmul(x, w, sizes)
 
-    theoretical, numerical = tf.test.compute_gradient(first_order, [x, w], delta=1e-2)
-    for t, n in zip(theoretical, numerical):
-        np.testing.assert_allclose(t, n, rtol=2e-2, atol=2e-2)
+    _assert_gradient_matches_numeric(first_order, [x, w], delta=1e-2)
 
     dy = tf.constant(np.random.default_rng(10).standard_normal((5, 2)), tf.float32)
 
     def weight_grad(x, dy):
         return gmm.grouped_matmul_weight_grad(x, dy, sizes)
 
-    theoretical, numerical = tf.test.compute_gradient(weight_grad, [x, dy], delta=1e-2)
-    for t, n in zip(theoretical, numerical):
-        np.testing.assert_allclose(t, n, rtol=2e-2, atol=2e-2)
+    _assert_gradient_matches_numeric(weight_grad, [x, dy], delta=1e-2)
 
 
 def test_gradient_tape_agrees_with_per_group_tf_matmul(gmm):
@@ -317,9 +318,7 @@ def test_gradients_through_the_activation_match_numeric_gradients(gmm, activatio
     def f(x, w, b):
         return gmm.grouped_matmul(x, w, sizes, bias=b, activation=activation)
 
-    theoretical, numerical = tf.test.compute_gradient(f, [x, w, bias], delta=1e-3)
-    for t, n in zip(theoretical, numerical):
-        np.testing.assert_allclose(t, n, atol=2e-2, rtol=2e-2)
+    _assert_gradient_matches_numeric(f, [x, w, bias], delta=1e-3)
 
 
 def test_gelu_gradient_agrees_with_tf_nn_gelu_on_the_per_group_product(gmm):
@@ -402,9 +401,7 @@ def test_grouped_layer_norm_gradients_match_numeric(gmm, rng):
     def f(x, gamma, beta):
         return gmm.grouped_layer_norm(x, sizes, gamma, beta, epsilon=1e-3)
 
-    theoretical, numerical = tf.test.compute_gradient(f, [x, gamma, beta], delta=1e-3)
-    for t, n in zip(theoretical, numerical):
-        np.testing.assert_allclose(t, n, atol=2e-2, rtol=2e-2)
+    _assert_gradient_matches_numeric(f, [x, gamma, beta], delta=1e-3)
 
 
 def test_grouped_layer_norm_rejects_bad_sizes_and_shapes_naming_them(gmm):
