@@ -412,9 +412,16 @@ def _cells(report, label: str, n: int, names, merged: Path, config: Path, feeds,
         baseline.stop()
 
 
+def _busy_counts(n: int) -> list[int]:
+    """Members with a request in a merged run, for the model-runs-only rows: from one (the
+    run's fixed cost shows) to all n (each member's weights streamed once per run)."""
+    return sorted({k for k in (1, 4, n // 2, n) if 1 <= k <= n})
+
+
 def _model_run_cpu(member_dir: str, merged_dir: str, n: int) -> dict[str, float]:
     """CPU ms per request of a member's run of one row and of ragged merged runs with one row
-    for each of k = n/2 and n members; called in a fresh process (see ``_compute_bound``)."""
+    for each of k members (``_busy_counts``); called in a fresh process (see
+    ``_compute_bound``)."""
     from tfweave.serving.backends import EmbeddedBackend
 
     rng = np.random.default_rng(0)
@@ -426,7 +433,7 @@ def _model_run_cpu(member_dir: str, merged_dir: str, n: int) -> dict[str, float]
     member_outputs = tuple(sorted(member.signature_defs["serving_default"].outputs))
     ragged_outputs = tuple(sorted(merged.signature_defs["ragged"].outputs))
     cases = {"member": (lambda: member.run("serving_default", feeds, member_outputs), 1)}
-    for k in (n // 2, n):
+    for k in _busy_counts(n):
         sizes = np.zeros(n, np.int32)
         sizes[:k] = 1
         ragged = {key: np.repeat(value, k, axis=0) for key, value in feeds.items()}
@@ -459,7 +466,7 @@ def _compute_bound(report, member_dir: Path, merged_dir: Path, n: int) -> None:
     if done.returncode != 0:
         raise RuntimeError(f"model-run measurement failed: {done.stderr[-2000:]}")
     cpu = json.loads(done.stdout.strip().splitlines()[-1])
-    for k in (n // 2, n):
+    for k in _busy_counts(n):
         report.add(ratio_row(
             f"model-runs-only/encoder-L4-H256-seq8/N={n}/busy={k}",
             candidate_name="merged ragged run, CPU ms per request",
