@@ -330,6 +330,7 @@ def save_merged(module, concrete: dict, metadata: dict, output_dir: str,
         signatures = dict(concrete)
         signatures["serving_default"] = concrete[default]
         tf.saved_model.save(module, staging, signatures=signatures)
+        write_warmup_requests(signatures, len(metadata["members"]), staging)
         os.makedirs(os.path.join(staging, "assets"), exist_ok=True)
         with open(os.path.join(staging, "assets", METADATA_FILE), "w") as handle:
             json.dump(metadata, handle, indent=1)
@@ -340,6 +341,78 @@ def save_merged(module, concrete: dict, metadata: dict, output_dir: str,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
+
+
+# The signatures a served merged model runs: TF Serving's default, and the one tfweave serve
+# batches members' requests through in ragged mode.
+WARMUP_SIGNATURES = ("serving_default", "ragged")
+
+
+def write_warmup_requests(signatures: dict, num_members: int, export_dir: str) -> int:
+    """Writes ``export_dir/assets.extra/tf_serving_warmup_requests`` (TF Serving's warmup
+    file, which ``tfweave serve`` honours too): one Predict request per signature in
+    WARMUP_SIGNATURES, one row per member, so that loading the model builds those graphs
+    instead of the first request (0.4 s for 32 small encoders). Each request is run here first;
+    a signature whose synthetic request cannot run (string inputs, a model that rejects zeros)
+    gets none. Returns how many requests were written."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    logs = []
+    for key in WARMUP_SIGNATURES:
+        if key not in signatures:
+            continue
+        fn = signatures[key]
+        # this module's signature functions take positional tensors whose specs carry the
+        # SavedModel's input names
+        positional = fn.structured_input_signature[0]
+        specs = {spec.name: spec for spec in positional}
+        feeds = _warmup_feeds(specs, num_members, ragged=key == "ragged")
+        if feeds is None:
+            LOG.info("no warmup request for signature %s: an input is a string or has no "
+                     "known rank", key)
+            continue
+        try:
+            fn(*[tf.constant(feeds[spec.name]) for spec in positional])
+        except (tf.errors.OpError, ValueError, TypeError) as error:
+            LOG.warning("no warmup request for signature %s: a synthetic one fails (%s)", key,
+                        str(error).splitlines()[0])
+            continue
+        request = predict_pb2.PredictRequest()
+        request.model_spec.signature_name = key
+        for name, value in feeds.items():
+            request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+        logs.append(prediction_log_pb2.PredictionLog(
+            predict_log=prediction_log_pb2.PredictLog(request=request)))
+    if logs:
+        folder = os.path.join(export_dir, "assets.extra")
+        os.makedirs(folder, exist_ok=True)
+        with tf.io.TFRecordWriter(os.path.join(folder, "tf_serving_warmup_requests")) as out:
+            for log in logs:
+                out.write(log.SerializeToString())
+    return len(logs)
+
+
+def _warmup_feeds(specs: dict, num_members: int, ragged: bool) -> dict | None:
+    """Zeros for every input: unknown dims are 1, except the rows of a ragged signature,
+    which get one per member (group_sizes all ones). None when an input is a string or has
+    an unknown rank: no synthetic value is safe there."""
+    feeds = {}
+    for name, spec in specs.items():
+        if spec.shape.rank is None:
+            return None
+        if spec.dtype.is_floating or spec.dtype.is_integer or spec.dtype.is_bool:
+            if ragged and name == "group_sizes":
+                feeds[name] = np.ones([num_members], spec.dtype.as_numpy_dtype)
+                continue
+            dims = spec.shape.as_list()
+            if ragged and dims and dims[0] is None:
+                dims[0] = num_members
+            feeds[name] = np.zeros([1 if d is None else d for d in dims],
+                                   spec.dtype.as_numpy_dtype)
+        else:
+            return None
+    return feeds
 
 
 def merge(paths_or_models: Iterable, output_dir: str | None = None, *,

@@ -15,6 +15,8 @@ from collections import defaultdict
 
 LATENCY_BUCKETS_US = [100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000,
                       500000, 1000000, 2500000, 5000000]
+# TF Serving's warmup latency buckets: 10 us x 1.8^i, up to about 20 minutes.
+WARMUP_BUCKETS_US = [round(10 * 1.8 ** i) for i in range(33)]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 
 
@@ -52,6 +54,7 @@ class Metrics:
         self._runs = defaultdict(int)
         self._run_seconds = defaultdict(float)      # model -> time spent running batches
         self.queue_depths = lambda: {}
+        self._warmups: dict[tuple[str, str], _Histogram] = {}   # (model_path, status)
         self._gc_pauses: dict[int, _Histogram] | None = None   # generation -> pause (us)
         self._gc_started = 0.0
 
@@ -98,6 +101,13 @@ class Metrics:
                     histogram = table[model] = _Histogram(BATCH_BUCKETS)
                 histogram.observe(value)
 
+    def observe_warmup(self, model_path: str, status: str, seconds: float) -> None:
+        with self._lock:
+            histogram = self._warmups.get((model_path, status))
+            if histogram is None:
+                histogram = self._warmups[(model_path, status)] = _Histogram(WARMUP_BUCKETS_US)
+            histogram.observe(seconds * 1e6)
+
     def batch_summary(self) -> dict[str, dict]:
         """Runs and mean requests per run per model (the demo and benchmark print these)."""
         with self._lock:
@@ -129,6 +139,10 @@ class Metrics:
             for model, h in sorted(self._members.items()):
                 self._histogram(lines, ":tfweave:serving:members_per_run", h,
                                 [("model_name", model)])
+            lines += ["# TYPE :tensorflow:serving:model_warmup_latency histogram"]
+            for (path, status), h in sorted(self._warmups.items()):
+                self._histogram(lines, ":tensorflow:serving:model_warmup_latency", h,
+                                [("model_path", path), ("status", status)])
         if self._gc_pauses is not None:
             lines += ["# TYPE :tfweave:serving:gc_pause_us histogram"]
             for generation, h in sorted(dict(self._gc_pauses).items()):

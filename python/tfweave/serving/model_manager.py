@@ -20,6 +20,7 @@ from tfweave.serving.model_config import (NETFUSE_PLATFORM, BatchingParameters, 
 from tfweave.serving.servables import (MemberServable, MergedModel, PlainServable, Servable,
                                        Signature)
 from tfweave.serving.status import invalid_argument, not_found
+from tfweave.serving.warmup import run_warmup
 
 LOG = logging.getLogger(__name__)
 
@@ -57,9 +58,16 @@ class ModelManager:
         if key not in self._loaded:
             LOG.info("loading %s (backend %s)", path, self.backend.name)
             try:
-                self._loaded[key] = self.backend.load(path, remote_name, version)
+                model = self.backend.load(path, remote_name, version)
             except Exception as error:
                 raise ConfigError(f"cannot load SavedModel {path}: {error}") from error
+            if self.backend.name == "embedded":  # a remote TF Serving warms up its own
+                try:
+                    run_warmup(model, path, self.metrics)
+                except ConfigError:
+                    model.close()
+                    raise
+            self._loaded[key] = model
         return self._loaded[key]
 
     def _remote_name(self, entries: list[ModelEntry], entry: ModelEntry) -> str:
