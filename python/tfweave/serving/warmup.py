@@ -3,13 +3,13 @@
 run once when the version loads, before it takes traffic.
 
 A session's first run of a signature builds and optimises that signature's graph: 0.2-0.3 s
-for a small encoder and 0.4 s for a 32-member merged one, paid by whichever request comes
-first. TF Serving's rules apply: no file is fine; a file that is not TFRecord, a record that is
-not a PredictionLog, more than 1000 records or a request that fails stops the load with an
-error naming the file and record. Classify, Regress and MultiInference records are skipped
-with a warning (this server answers Predict only); SessionRun records are an error, as in TF
-Serving. ``tfweave merge`` writes such a file for the signatures a merged model is served
-through (``netfuse.merged_model.write_warmup_requests``).
+for a small encoder and about 0.5 s for a 32-member merged one, paid by whichever request
+comes first. TF Serving's rules apply: no file is fine; a file that is not TFRecord, a record
+that is not a PredictionLog, more than 1000 records or a request that fails stops the load
+with an error naming the file and record. Classify, Regress and MultiInference records are
+skipped with a warning (this server answers Predict only); SessionRun records are an error, as
+in TF Serving. ``tfweave merge`` writes such a file for the signatures a merged model is
+served through (``netfuse.merged_model.write_warmup_requests``).
 """
 
 from __future__ import annotations
