@@ -56,3 +56,23 @@ def test_progress_lines_name_each_stage(tmp_path, capsys):
     err = capsys.readouterr().err
     for stage in ("freeze: 3/3", "match: 3/3", "lift: 3/3", "save: 3/3"):
         assert stage in err
+
+
+def test_warmup_requests_are_written_by_default_and_not_with_no_warmup(tmp_path):
+    import tensorflow as tf
+
+    from tfweave.serving.warmup import WARMUP_FILE, read_warmup_requests
+
+    models = [arch.perturb(arch.mlp(s, features=5, hidden=(6,), classes=3), s)
+              for s in range(2)]
+    paths = _export(models, tmp_path)
+    warm, cold = str(tmp_path / "warm" / "1"), str(tmp_path / "cold" / "1")
+    assert cli.main(["merge", *paths, "-o", warm, "--mode", "ragged", "--quiet"]) == 0
+    assert cli.main(["merge", *paths, "-o", cold, "--no-warmup", "--quiet"]) == 0
+    logs = read_warmup_requests(warm)
+    assert [log.predict_log.request.model_spec.signature_name for log in logs] == \
+        ["serving_default", "ragged"]
+    ragged = {k: tf.make_ndarray(v) for k, v in logs[1].predict_log.request.inputs.items()}
+    assert ragged["group_sizes"].tolist() == [1, 1]     # one row per member
+    assert ragged["features"].shape == (2, 5)
+    assert not os.path.exists(os.path.join(cold, WARMUP_FILE))

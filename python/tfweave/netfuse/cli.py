@@ -35,6 +35,9 @@ def configure_parser(parser) -> None:
     parser.add_argument("--no-channel-layout", action="store_true",
                         help="keep every tensor model-major (debugging aid)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="write no assets.extra/tf_serving_warmup_requests (by default one "
+                             "request of zeros per served signature, run once by the merge)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -77,7 +80,7 @@ def main(args) -> int:
                        mode=args.mode, signature_key=args.signature,
                        use_channels=not args.no_channel_layout,
                        conv_strategy=args.conv_strategy, overwrite=args.overwrite,
-                       progress=_Progress(args.quiet))
+                       warmup=not args.no_warmup, progress=_Progress(args.quiet))
     except MergeError as error:
         print(f"tfweave merge: {error}", file=sys.stderr)
         return 1

@@ -314,7 +314,7 @@ def _tensor_specs_json(infos) -> dict:
 
 
 def save_merged(module, concrete: dict, metadata: dict, output_dir: str,
-                overwrite: bool = False) -> str:
+                overwrite: bool = False, warmup: bool = True) -> str:
     """Writes the SavedModel atomically: into a sibling temp folder, then renamed."""
     import tensorflow as tf
     output_dir = os.path.abspath(output_dir)
@@ -330,7 +330,8 @@ def save_merged(module, concrete: dict, metadata: dict, output_dir: str,
         signatures = dict(concrete)
         signatures["serving_default"] = concrete[default]
         tf.saved_model.save(module, staging, signatures=signatures)
-        write_warmup_requests(signatures, len(metadata["members"]), staging)
+        if warmup:
+            write_warmup_requests(signatures, len(metadata["members"]), staging)
         os.makedirs(os.path.join(staging, "assets"), exist_ok=True)
         with open(os.path.join(staging, "assets", METADATA_FILE), "w") as handle:
             json.dump(metadata, handle, indent=1)
@@ -420,7 +421,7 @@ def _warmup_feeds(specs: dict, num_members: int, ragged: bool) -> dict | None:
 def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
           names: list[str] | None = None, stacked: bool = False, mode: str = "stock",
           signature_key: str = "serving_default", use_channels: bool = True,
-          conv_strategy: str = "grouped", overwrite: bool = False,
+          conv_strategy: str = "grouped", overwrite: bool = False, warmup: bool = True,
           progress: Callable[[str, int, int], None] | None = None) -> MergedModel:
     """Merges N models of one architecture (different weights) into one merged model.
 
@@ -444,6 +445,9 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
       conv_strategy: ``"grouped"`` (one grouped Conv2D for the N members, the paper's way,
         best on GPUs) or ``"batched"`` (1x1 convolutions as one BatchMatMulV2, wider ones as N
         Conv2D ops side by side in the graph; faster on CPUs). Both are stock ops, no loops.
+      warmup: write TF Serving's ``assets.extra/tf_serving_warmup_requests`` (one request of
+        zeros per served signature, see ``write_warmup_requests``), so that loading the model
+        builds its graphs instead of the first request.
       progress: called as ``progress(stage, done, total)`` while merging.
 
     Returns a :class:`MergedModel` (runnable in memory; ``.path`` is set when saved).
@@ -524,7 +528,8 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
     }
     path = None
     if output_dir is not None:
-        path = save_merged(module, concrete, metadata, output_dir, overwrite=overwrite)
+        path = save_merged(module, concrete, metadata, output_dir, overwrite=overwrite,
+                           warmup=warmup)
         LOG.info("wrote merged SavedModel %s", path)
         report("save", total, total)
     callers = {}
