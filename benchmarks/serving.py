@@ -418,6 +418,44 @@ def _busy_counts(n: int) -> list[int]:
     return sorted({k for k in (1, 4, n // 2, n) if 1 <= k <= n})
 
 
+def _first_requests(report, root: Path, member_root: Path, names: list[str], merged: Path,
+                    batching: Path, feeds, starts: int = 2) -> None:
+    """The first member requests a freshly started server answers, with the merged model's
+    warmup file (what ``netfuse.merge`` writes) and without it (``warmup=False``): a version's
+    first run builds and optimises its graph unless the load did it already."""
+    from tfweave import netfuse
+    cold = root / "merged-no-warmup"
+    netfuse.merge([str(member_root / name / "1") for name in names], str(cold / "1"),
+                  names=names, mode=ENCODER_MERGE_MODE, warmup=False)
+    firsts: dict[str, list[float]] = {"warm": [], "cold": []}
+    seconds: dict[str, list[float]] = {"warm": [], "cold": []}
+    for _ in range(starts):
+        for key, path in (("warm", merged), ("cold", cold)):
+            server = _Server(["--model_name", "merged", "--model_base_path", str(path),
+                              "--enable_batching", "--batching_parameters_file", str(batching)],
+                             root / f"first-{key}.log")
+            try:
+                load = _LoadGenerator(server.target, names[:1], feeds)
+                load.run(1, 2)
+                load.close()
+                firsts[key].append(load.latencies[0] * 1e3)
+                seconds[key].append(load.latencies[1] * 1e3)
+            finally:
+                server.stop()
+    warm, cold_ms = float(np.median(firsts["warm"])), float(np.median(firsts["cold"]))
+    report.add(ratio_row(
+        f"first-request/encoder-L4-H256-seq8/N={len(names)}",
+        candidate_name="first request ms, warmup file", baseline_name="without it",
+        candidate_value=round(warm, 1), baseline_value=round(cold_ms, 1),
+        higher_is_better=False,
+        extra={"warm_first_ms": [round(v, 1) for v in firsts["warm"]],
+               "cold_first_ms": [round(v, 1) for v in firsts["cold"]],
+               "second_request_ms": [round(v, 1) for v in seconds["warm"] + seconds["cold"]]}))
+    LOG.info("first request after start: %.1f ms with the warmup file, %.1f ms without "
+             "(second requests %s ms)", warm, cold_ms,
+             [round(v, 1) for v in seconds["warm"] + seconds["cold"]])
+
+
 def _model_run_cpu(member_dir: str, merged_dir: str, n: int) -> dict[str, float]:
     """CPU ms per request of a member's run of one row and of ragged merged runs with one row
     for each of k members (``_busy_counts``); called in a fresh process (see
@@ -515,6 +553,8 @@ def run(report, quick: bool) -> None:
                        batching, root, throughput, histograms,
                        server_args=("--tensorflow_intra_op_parallelism", "1"))
                 _compute_bound(report, member_root / names[0] / "1", merged / "1", n)
+                _first_requests(report, root, member_root, names, merged, batching,
+                                encoder_feeds)
         report.notes.append(
             "encoder-L4-H256-seq8: netfuse.architectures.bert_encoder (L=4, H=256, 4 heads, "
             "FFN 1024, vocab 1000), members perturbed like fine-tuned copies, exported with "
