@@ -155,3 +155,17 @@ def test_merge_writes_warmup_requests_that_the_merged_model_runs(zoo):
             assert set(request.inputs) == set(wanted)
     finally:
         model.close()
+
+
+def test_enable_model_warmup_false_skips_the_replay(tmp_path):
+    base = tmp_path / "counting"
+    version = _write_counting_model(str(base / "1"))
+    _write_warmup(version, [_predict_log({"x": np.ones((1, 2), np.float32)})] * 2)
+    server = ServerProcess(["--model_name", "counting", "--model_base_path", str(base),
+                            "--enable_model_warmup=false"], tmp_path)
+    try:
+        answer = requests.post(f"{server.rest}/v1/models/counting:predict",
+                               json={"instances": [[1.0, 1.0]]}, timeout=30).json()
+        assert answer["predictions"][0]["calls"] == 1     # no warmup run came first
+    finally:
+        server.stop()

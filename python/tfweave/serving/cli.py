@@ -46,7 +46,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add("--rest_api_timeout_in_ms", type=int, default=30000, help="REST request timeout")
     add("--tensorflow_intra_op_parallelism", type=int, default=0)
     add("--tensorflow_inter_op_parallelism", type=int, default=0)
+    add("--enable_model_warmup", type=_flag_bool, nargs="?", const=True, default=True,
+        metavar="true|false",
+        help="replay each SavedModel's assets.extra/tf_serving_warmup_requests when it loads "
+             "(TF Serving's flag; default true)")
     add("--quiet", action="store_true", help="log warnings only")
+
+
+def _flag_bool(text: str) -> bool:
+    """TF Serving's boolean flag values: --flag, --flag=true, --flag=false (or 1 / 0)."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def build_options(args):
@@ -74,7 +88,8 @@ def build_options(args):
         rest_api_num_threads=args.rest_api_num_threads,
         rest_api_timeout_ms=args.rest_api_timeout_in_ms,
         intra_op_threads=args.tensorflow_intra_op_parallelism,
-        inter_op_threads=args.tensorflow_inter_op_parallelism)
+        inter_op_threads=args.tensorflow_inter_op_parallelism,
+        model_warmup=args.enable_model_warmup)
 
 
 def main(args) -> int:

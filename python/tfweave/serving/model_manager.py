@@ -36,8 +36,9 @@ class ServedModel:
 
 class ModelManager:
     def __init__(self, entries: list[ModelEntry], backend, batching: BatchingParameters | None,
-                 metrics, *, num_batch_threads: int | None = None):
+                 metrics, *, num_batch_threads: int | None = None, model_warmup: bool = True):
         self.backend = backend
+        self.model_warmup = model_warmup
         self.batching = batching
         self.metrics = metrics
         threads = num_batch_threads or (batching.num_batch_threads if batching else
@@ -61,7 +62,8 @@ class ModelManager:
                 model = self.backend.load(path, remote_name, version)
             except Exception as error:
                 raise ConfigError(f"cannot load SavedModel {path}: {error}") from error
-            if self.backend.name == "embedded":  # a remote TF Serving warms up its own
+            # a remote TF Serving warms up its own models
+            if self.model_warmup and self.backend.name == "embedded":
                 try:
                     run_warmup(model, path, self.metrics)
                 except ConfigError:

@@ -27,6 +27,7 @@ class ServerOptions:
     rest_api_timeout_ms: int = 30000
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    model_warmup: bool = True              # replay assets.extra/tf_serving_warmup_requests
     extra: dict = field(default_factory=dict)
 
 
@@ -57,7 +58,8 @@ class ModelServer:
         self.metrics = Metrics()
         backend = make_backend(options.backend, intra_op_threads=options.intra_op_threads,
                                inter_op_threads=options.inter_op_threads)
-        self.manager = ModelManager(options.entries, backend, options.batching, self.metrics)
+        self.manager = ModelManager(options.entries, backend, options.batching, self.metrics,
+                                    model_warmup=options.model_warmup)
         self.metrics.queue_depths = self.manager.scheduler.queue_depths
         self._grpc = None
         self._rest = None
