@@ -428,7 +428,7 @@ def _first_requests(report, root: Path, member_root: Path, names: list[str], mer
     netfuse.merge([str(member_root / name / "1") for name in names], str(cold / "1"),
                   names=names, mode=ENCODER_MERGE_MODE, warmup=False)
     firsts: dict[str, list[float]] = {"warm": [], "cold": []}
-    seconds: dict[str, list[float]] = {"warm": [], "cold": []}
+    seconds: list[float] = []   # each start's second request, for comparison
     for _ in range(starts):
         for key, path in (("warm", merged), ("cold", cold)):
             server = _Server(["--model_name", "merged", "--model_base_path", str(path),
@@ -439,7 +439,7 @@ def _first_requests(report, root: Path, member_root: Path, names: list[str], mer
                 load.run(1, 2)
                 load.close()
                 firsts[key].append(load.latencies[0] * 1e3)
-                seconds[key].append(load.latencies[1] * 1e3)
+                seconds.append(load.latencies[1] * 1e3)
             finally:
                 server.stop()
     warm, cold_ms = float(np.median(firsts["warm"])), float(np.median(firsts["cold"]))
@@ -450,10 +450,10 @@ def _first_requests(report, root: Path, member_root: Path, names: list[str], mer
         higher_is_better=False,
         extra={"warm_first_ms": [round(v, 1) for v in firsts["warm"]],
                "cold_first_ms": [round(v, 1) for v in firsts["cold"]],
-               "second_request_ms": [round(v, 1) for v in seconds["warm"] + seconds["cold"]]}))
+               "second_request_ms": [round(v, 1) for v in seconds]}))
     LOG.info("first request after start: %.1f ms with the warmup file, %.1f ms without "
              "(second requests %s ms)", warm, cold_ms,
-             [round(v, 1) for v in seconds["warm"] + seconds["cold"]])
+             [round(v, 1) for v in seconds])
 
 
 def _model_run_cpu(member_dir: str, merged_dir: str, n: int) -> dict[str, float]:

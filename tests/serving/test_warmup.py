@@ -13,6 +13,7 @@ import requests
 
 from tests.serving.conftest import ServerProcess
 from tests.serving.model_fixtures import REPO
+from tfweave.serving.warmup import predict_log, write_warmup_requests
 
 WARMUP = os.path.join("assets.extra", "tf_serving_warmup_requests")
 
@@ -36,27 +37,6 @@ def _write_counting_model(version_dir: str) -> str:
     return version_dir
 
 
-def _predict_log(inputs: dict, signature: str = ""):
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
-
-    request = predict_pb2.PredictRequest()
-    request.model_spec.signature_name = signature
-    for name, value in inputs.items():
-        request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
-    return prediction_log_pb2.PredictionLog(
-        predict_log=prediction_log_pb2.PredictLog(request=request))
-
-
-def _write_warmup(version_dir: str, logs) -> None:
-    import tensorflow as tf
-
-    os.makedirs(os.path.join(version_dir, "assets.extra"), exist_ok=True)
-    with tf.io.TFRecordWriter(os.path.join(version_dir, WARMUP)) as writer:
-        for log in logs:
-            writer.write(log if isinstance(log, bytes) else log.SerializeToString())
-
-
 def _serve_fails(base_path: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "tfweave.cli", "serve", "--model_name", "counting",
                "--model_base_path", base_path, "--port", "0", "--rest_api_port", "0"]
@@ -67,7 +47,7 @@ def test_warmup_requests_run_once_at_load_before_the_first_request(tmp_path):
     base = tmp_path / "counting"
     version = _write_counting_model(str(base / "1"))
     x = np.ones((1, 2), np.float32)
-    _write_warmup(version, [_predict_log({"x": x})] * 3)
+    write_warmup_requests(version, [predict_log({"x": x})] * 3)
     server = ServerProcess(["--model_name", "counting", "--model_base_path", str(base)],
                            tmp_path)
     try:
@@ -95,19 +75,19 @@ def test_a_bad_warmup_file_stops_the_load_with_the_file_and_record_named(tmp_pat
 
     base = tmp_path / "counting"
     version = _write_counting_model(str(base / "1"))
-    good = _predict_log({"x": np.ones((1, 2), np.float32)})
+    good = predict_log({"x": np.ones((1, 2), np.float32)})
     if case == "not_tfrecord":
         os.makedirs(os.path.join(version, "assets.extra"))
         with open(os.path.join(version, WARMUP), "wb") as handle:
             handle.write(b"this is not a TFRecord file at all" * 4)
     elif case == "not_a_log":
-        _write_warmup(version, [b"\xff\xff\xff garbage"])
+        write_warmup_requests(version, [b"\xff\xff\xff garbage"])
     elif case == "unknown_input":
-        _write_warmup(version, [good, _predict_log({"z": np.ones((1, 2), np.float32)})])
+        write_warmup_requests(version, [good, predict_log({"z": np.ones((1, 2), np.float32)})])
     else:
         log = prediction_log_pb2.PredictionLog()
         log.session_run_log.request.feed.add()
-        _write_warmup(version, [log])
+        write_warmup_requests(version, [log])
     result = _serve_fails(str(base))
     assert result.returncode == 2, result.stderr[-2000:]
     assert WARMUP in result.stderr
@@ -122,7 +102,7 @@ def test_classify_warmup_records_are_skipped_and_the_model_serves(tmp_path):
     version = _write_counting_model(str(base / "1"))
     classify = prediction_log_pb2.PredictionLog()
     classify.classify_log.request.model_spec.name = "counting"
-    _write_warmup(version, [classify, _predict_log({"x": np.ones((1, 2), np.float32)})])
+    write_warmup_requests(version, [classify, predict_log({"x": np.ones((1, 2), np.float32)})])
     server = ServerProcess(["--model_name", "counting", "--model_base_path", str(base)],
                            tmp_path)
     try:
@@ -160,7 +140,7 @@ def test_merge_writes_warmup_requests_that_the_merged_model_runs(zoo):
 def test_enable_model_warmup_false_skips_the_replay(tmp_path):
     base = tmp_path / "counting"
     version = _write_counting_model(str(base / "1"))
-    _write_warmup(version, [_predict_log({"x": np.ones((1, 2), np.float32)})] * 2)
+    write_warmup_requests(version, [predict_log({"x": np.ones((1, 2), np.float32)})] * 2)
     server = ServerProcess(["--model_name", "counting", "--model_base_path", str(base),
                             "--enable_model_warmup=false"], tmp_path)
     try:

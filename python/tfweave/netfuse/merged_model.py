@@ -357,9 +357,8 @@ def write_warmup_requests(signatures: dict, num_members: int, export_dir: str) -
     first; a signature whose synthetic request cannot run (string inputs, a model that
     rejects zeros) gets none. Returns how many requests were written."""
     import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-    from tfweave.serving.warmup import WARMUP_FILE
+    from tfweave.serving import warmup
 
     logs = []
     for key in WARMUP_SIGNATURES:
@@ -381,18 +380,9 @@ def write_warmup_requests(signatures: dict, num_members: int, export_dir: str) -
             LOG.warning("no warmup request for signature %s: a synthetic one fails (%s)", key,
                         str(error).splitlines()[0])
             continue
-        request = predict_pb2.PredictRequest()
-        request.model_spec.signature_name = key
-        for name, value in feeds.items():
-            request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
-        logs.append(prediction_log_pb2.PredictionLog(
-            predict_log=prediction_log_pb2.PredictLog(request=request)))
+        logs.append(warmup.predict_log(feeds, key))
     if logs:
-        path = os.path.join(export_dir, WARMUP_FILE)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with tf.io.TFRecordWriter(path) as out:
-            for log in logs:
-                out.write(log.SerializeToString())
+        warmup.write_warmup_requests(export_dir, logs)
     return len(logs)
 
 

@@ -26,6 +26,31 @@ WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 MAX_RECORDS = 1000     # TF Serving's WarmupConsts::kMaxNumRecords
 
 
+def predict_log(inputs: dict, signature_name: str = ""):
+    """A warmup record: a PredictionLog holding one PredictRequest of ``inputs`` (arrays)."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.signature_name = signature_name
+    for name, value in inputs.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+    return prediction_log_pb2.PredictionLog(
+        predict_log=prediction_log_pb2.PredictLog(request=request))
+
+
+def write_warmup_requests(version_dir: str, records) -> str:
+    """Writes ``records`` (PredictionLogs, or raw bytes) as ``version_dir``'s warmup file."""
+    import tensorflow as tf
+
+    path = os.path.join(version_dir, WARMUP_FILE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path) as writer:
+        for record in records:
+            writer.write(record if isinstance(record, bytes) else record.SerializeToString())
+    return path
+
+
 def read_warmup_requests(version_dir: str) -> list | None:
     """The PredictionLogs of ``version_dir``'s warmup file, or None when it has none."""
     path = os.path.join(version_dir, WARMUP_FILE)
