@@ -26,9 +26,11 @@ CHECK = textwrap.dedent("""
     rng = np.random.default_rng(0)
     worst = 0.0
     # (sizes, K, M): remainders against the 14/6-row, 32/16-column and 8x8 transpose blocks,
-    # depths across the 256-deep blocks, and more rows than one 252-row block.
+    # depths across the 256-deep blocks, and more rows than one 252-row block; for the
+    # few-row dot kernel (transpose_w): every row plan (4-row blocks, then 1-3 rows or one
+    # block of 5 or 6), depths with and without a partial 16-vector, 4-column remainders.
     for sizes, k, m in [([15, 0, 7, 1], 70, 45), ([300, 3], 9, 33), ([5, 13], 600, 17),
-                        ([0, 29], 257, 64), ([2], 1, 1)]:
+                        ([0, 29], 257, 64), ([2], 1, 1), ([6, 10, 4, 32], 48, 22)]:
         sizes = np.array(sizes)
         x = rng.standard_normal((sizes.sum(), k)).astype(np.float32)
         w = rng.standard_normal((len(sizes), k, m)).astype(np.float32)
