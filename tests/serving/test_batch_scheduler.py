@@ -209,3 +209,44 @@ def test_sessions_pinned_to_one_intra_op_thread_allow_one_merged_run_per_core(tm
     finally:
         pinned.close()
         default.close()
+
+
+def test_a_retired_queue_answers_what_it_holds_then_refuses_and_leaves(scheduler):
+    from tfweave.serving.batching import Retired
+
+    merged = _FakeMerged(2, hold=1)
+    queue = _merged_queue(scheduler, merged)
+    first = queue.submit(_task(1.0, member=0))
+    assert merged.started.acquire(timeout=10)          # its run is in flight, held
+    queued = [queue.submit(_task(2.0, member=1)), queue.submit(_task(3.0, member=0))]
+    retired = threading.Event()
+    result = {}
+
+    def retire():
+        result["drained"] = scheduler.retire(queue, timeout_s=30)
+        retired.set()
+
+    threading.Thread(target=retire, daemon=True).start()
+    assert not retired.wait(0.3)                       # it waits for the held run and the rest
+    with pytest.raises(Retired):
+        queue.submit(_task(4.0, member=1))
+    merged.release.set()
+    assert retired.wait(10) and result["drained"]
+    assert first.result(5)["y"][0, 0] == 1.0
+    assert [f.result(5)["y"][0, 0] for f in queued] == [4.0, 3.0]
+    assert "merged" not in scheduler.queue_depths()     # removed from the scheduler
+
+
+def test_retiring_a_queue_that_cannot_drain_fails_its_requests_unavailable(scheduler):
+    from tfweave.serving.status import ServingError
+
+    merged = _FakeMerged(1, hold=1)
+    queue = _merged_queue(scheduler, merged)
+    queue.submit(_task(1.0))
+    assert merged.started.acquire(timeout=10)
+    stuck = queue.submit(_task(2.0))                   # waits behind the held run
+    assert scheduler.retire(queue, timeout_s=0.2) is False
+    with pytest.raises(ServingError) as error:
+        stuck.result(5)
+    assert error.value.code == "UNAVAILABLE"
+    merged.release.set()

@@ -32,7 +32,8 @@ from typing import Callable
 
 import numpy as np
 
-from tfweave.serving.status import ServingError, internal, invalid_argument, queue_full
+from tfweave.serving.status import (ServingError, internal, invalid_argument, queue_full,
+                                     unavailable)
 
 LOG = logging.getLogger(__name__)
 
@@ -82,6 +83,10 @@ def batch_rows(inputs: dict[str, np.ndarray], *, strict: bool) -> int | None:
     return rows if rows is not None else 0
 
 
+class Retired(Exception):
+    """The queue belongs to a version that is being unloaded: resolve the model again."""
+
+
 class _Queue:
     """Shared part of both queue kinds; all state is guarded by the scheduler's lock."""
 
@@ -93,6 +98,13 @@ class _Queue:
         self.timeout_s = timeout_s if batching else 0.0
         self.capacity = max_batch_size * max_enqueued_batches
         self.batching = batching
+        # Set by SharedBatchScheduler.retire: submit refuses new tasks, queued ones still run.
+        self.retired = False
+        self.running = 0   # batches taken from this queue and not yet processed
+
+    def _check_open(self):
+        if self.retired:
+            raise Retired(self.name)
 
     # Interface the scheduler calls with its lock held.
     def oldest(self) -> float | None:
@@ -108,6 +120,10 @@ class _Queue:
         raise NotImplementedError
 
     def depth(self) -> int:
+        raise NotImplementedError
+
+    def drop_all(self) -> list[Task]:
+        """Removes and returns every waiting task."""
         raise NotImplementedError
 
     def _check_size(self, task: Task):
@@ -146,6 +162,7 @@ class ModelBatchQueue(_Queue):
     def submit(self, task: Task) -> Future:
         self._check_size(task)
         with self.scheduler.cv:
+            self._check_open()
             if self._rows + task.rows > self.capacity and self._tasks:
                 raise queue_full(self.name)
             # A batch thread needs waking only when this request can make the queue ready
@@ -166,6 +183,12 @@ class ModelBatchQueue(_Queue):
 
     def depth(self):
         return self._rows
+
+    def drop_all(self):
+        tasks = list(self._tasks)
+        self._tasks.clear()
+        self._rows = 0
+        return tasks
 
     def take(self):
         first = self._tasks.popleft()
@@ -246,6 +269,7 @@ class MergedBatchQueue(_Queue):
         self._check_size(task)
         i = task.member
         with self.scheduler.cv:
+            self._check_open()
             if self._rows[i] + task.rows > self.capacity and self._tasks[i]:
                 raise queue_full(f"{self.merged.member_names[i]} (merged into {self.name})")
             self._tasks[i].append(task)
@@ -272,6 +296,15 @@ class MergedBatchQueue(_Queue):
 
     def depth(self):
         return sum(self._rows)
+
+    def drop_all(self):
+        tasks = [t for queue in self._tasks for t in queue]
+        for queue in self._tasks:
+            queue.clear()
+        self._rows = [0] * len(self._tasks)
+        self._waiting = 0
+        self._full_members = 0
+        return tasks
 
     def take(self):
         self._in_flight += 1
@@ -403,8 +436,32 @@ class SharedBatchScheduler:
                 # costs a GIL round trip per batch).
                 if any(q.oldest() is not None for q in self._queues):
                     self.cv.notify()
-            queue, batch = found
-            queue.process(batch)
+                queue, batch = found
+                queue.running += 1
+            try:
+                queue.process(batch)
+            finally:
+                with self.cv:
+                    queue.running -= 1
+                    if queue.retired:
+                        self.cv.notify_all()   # retire() may be waiting for it to drain
+
+    def retire(self, queue: _Queue, timeout_s: float) -> bool:
+        """Stops ``queue`` taking requests, waits until the ones it holds have been answered,
+        then removes it; False if that took longer than ``timeout_s`` (the queue is removed
+        anyway, and whatever it still held fails when its model is closed)."""
+        with self.cv:
+            queue.retired = True
+            drained = self.cv.wait_for(lambda: not queue.depth() and not queue.running,
+                                       timeout_s)
+            if queue in self._queues:
+                self._queues.remove(queue)
+            if not drained:
+                tasks = queue.drop_all()
+        if not drained:
+            _finish(tasks, unavailable(f"model {queue.name}: its version was unloaded before "
+                                       "this request ran"))
+        return drained
 
     def stop(self):
         with self.cv:

@@ -2,7 +2,8 @@
 
 Flags are tensorflow_model_server's (``--port``, ``--rest_api_port``, ``--model_config_file``,
 ``--model_name``/``--model_base_path``, ``--enable_batching``, ``--batching_parameters_file``,
-``--rest_api_num_threads``, ``--rest_api_timeout_in_ms``, ``--tensorflow_*_parallelism``) plus
+``--rest_api_num_threads``, ``--rest_api_timeout_in_ms``, ``--tensorflow_*_parallelism``,
+``--enable_model_warmup``, ``--file_system_poll_wait_seconds``) plus
 ``--host``, ``--backend`` and ``--max_request_bytes``. TensorFlow is imported in ``main`` only.
 """
 
@@ -50,6 +51,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         metavar="true|false",
         help="replay each SavedModel's assets.extra/tf_serving_warmup_requests when it loads "
              "(TF Serving's flag; default true)")
+    add("--file_system_poll_wait_seconds", type=int, default=1,
+        help="seconds between looks at the base paths for new versions, which are loaded (and "
+             "the ones the version policy drops unloaded) while serving; 0 or less: only at "
+             "startup (TF Serving's flag; default 1)")
     add("--quiet", action="store_true", help="log warnings only")
 
 
@@ -89,7 +94,8 @@ def build_options(args):
         rest_api_timeout_ms=args.rest_api_timeout_in_ms,
         intra_op_threads=args.tensorflow_intra_op_parallelism,
         inter_op_threads=args.tensorflow_inter_op_parallelism,
-        model_warmup=args.enable_model_warmup)
+        model_warmup=args.enable_model_warmup,
+        poll_wait_s=args.file_system_poll_wait_seconds)
 
 
 def main(args) -> int:

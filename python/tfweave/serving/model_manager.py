@@ -3,18 +3,29 @@
 Both protocol front ends call the same methods, so a request fails the same way on gRPC and
 REST. Model resolution follows TF Serving's ServerCore: no version means the newest loaded one,
 ``version_label`` goes through the config's ``version_labels``.
+
+Versions come and go as in TF Serving's file-system polling (``poll``, which ``tfweave serve``
+calls every ``--file_system_poll_wait_seconds``): a version directory that appears under a base
+path and that the version policy names is loaded (and warmed up) beside the serving ones, then
+made visible; only then are the versions the policy no longer names retired. A retired
+version takes no new request (one that resolved it just before resolves again), answers what
+it already queued, and its session is closed once its queues are empty. A version that fails
+to load is logged and retried, as TF Serving does; what is serving keeps serving.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from tfweave.serving.batching import SharedBatchScheduler
+from tfweave.serving.batching import Retired, SharedBatchScheduler
 from tfweave.serving.model_config import (NETFUSE_PLATFORM, BatchingParameters, ConfigError,
                                           ModelEntry, read_netfuse_metadata, versions_to_load)
 from tfweave.serving.servables import (MemberServable, MergedModel, PlainServable, Servable,
@@ -35,8 +46,15 @@ class ServedModel:
 
 
 class ModelManager:
+    # TF Serving's defaults (--max_num_load_retries, --load_retry_interval_micros).
+    MAX_LOAD_RETRIES = 5
+    LOAD_RETRY_INTERVAL_S = 60.0
+    # How long a retired version may take to answer what it had queued before it is closed.
+    DRAIN_TIMEOUT_S = 60.0
+
     def __init__(self, entries: list[ModelEntry], backend, batching: BatchingParameters | None,
                  metrics, *, num_batch_threads: int | None = None, model_warmup: bool = True):
+        self.entries = list(entries)
         self.backend = backend
         self.model_warmup = model_warmup
         self.batching = batching
@@ -47,6 +65,11 @@ class ModelManager:
         self.models: dict[str, ServedModel] = {}
         self._loaded: dict[tuple[str, int], object] = {}   # (version dir) -> LoadedModel
         self._merged: dict[tuple[str, int], MergedModel] = {}
+        self._poll_lock = threading.Lock()
+        self._failed: dict[tuple[str, int], tuple[int, float]] = {}   # -> (failures, retry at)
+        self._warned: dict[str, str] = {}   # model name -> the policy error last logged
+        self._poll_thread: threading.Thread | None = None
+        self._stop_polling = threading.Event()
         try:
             self._load(entries)
         except Exception:
@@ -85,28 +108,136 @@ class ModelManager:
     def _load(self, entries: list[ModelEntry]) -> None:
         for entry in entries:
             versions = versions_to_load(entry)
-            remote = self._remote_name(entries, entry)
             served = ServedModel(entry.name, "member" if entry.platform == NETFUSE_PLATFORM
                                  else "plain", labels=dict(entry.version_labels),
                                  base_path=entry.base_path)
             for version in versions:
-                path = os.path.join(entry.base_path, str(version))
-                model = self._loaded_model(path, remote, version)
-                if entry.platform == NETFUSE_PLATFORM:
-                    merged = self._merged_model(path, remote, version, model)
-                    if entry.name not in merged.member_names:
-                        raise ConfigError(
-                            f"model {entry.name}: not a member of the merged model {path} "
-                            f"(members: {', '.join(merged.member_names)}); a "
-                            f"'{NETFUSE_PLATFORM}' config's name must be a member name")
-                    servable = MemberServable(entry.name, merged,
-                                              merged.member_names.index(entry.name))
-                else:
-                    servable = PlainServable(entry.name, version, model, self.scheduler,
-                                             self.batching)
-                served.versions[version] = servable
+                served.versions[version] = self._servable(entry, version)
             self.models[entry.name] = served
             LOG.info("serving %s (%s) versions %s", entry.name, served.kind, versions)
+
+    def _servable(self, entry: ModelEntry, version: int) -> Servable:
+        path = os.path.join(entry.base_path, str(version))
+        remote = self._remote_name(self.entries, entry)
+        model = self._loaded_model(path, remote, version)
+        if entry.platform != NETFUSE_PLATFORM:
+            return PlainServable(entry.name, version, model, self.scheduler, self.batching)
+        merged = self._merged_model(path, remote, version, model)
+        if entry.name not in merged.member_names:
+            raise ConfigError(
+                f"model {entry.name}: not a member of the merged model {path} "
+                f"(members: {', '.join(merged.member_names)}); a "
+                f"'{NETFUSE_PLATFORM}' config's name must be a member name")
+        return MemberServable(entry.name, merged, merged.member_names.index(entry.name))
+
+    # ----------------------------------------------------------------- version polling
+    def start_polling(self, interval_s: float) -> None:
+        """Calls ``poll`` every ``interval_s`` seconds on a daemon thread until ``close``."""
+        def loop():
+            while not self._stop_polling.wait(interval_s):
+                try:
+                    self.poll()
+                except Exception:   # a poll must never take the server down
+                    LOG.exception("polling the model base paths failed")
+
+        self._poll_thread = threading.Thread(target=loop, name="tfweave-poll", daemon=True)
+        self._poll_thread.start()
+
+    def poll(self) -> bool:
+        """One pass of TF Serving's file-system polling over every configured model; True if
+        a version was loaded or unloaded."""
+        with self._poll_lock:
+            changed, retired, failed = False, [], False
+            for entry in self.entries:
+                served = self.models[entry.name]
+                try:
+                    wanted = versions_to_load(entry)
+                except ConfigError as error:
+                    # e.g. the base path emptied: TF Serving keeps serving what it has loaded
+                    message = f"{error}; keeping versions {sorted(served.versions)}"
+                    if self._warned.get(entry.name) != message:   # once, not every second
+                        self._warned[entry.name] = message
+                        LOG.warning("%s", message)
+                    continue
+                self._warned.pop(entry.name, None)
+                current = served.versions
+                if set(wanted) == set(current):
+                    continue
+                versions, missing = {}, False
+                for version in wanted:
+                    if version in current:
+                        versions[version] = current[version]
+                    elif self._may_load(entry, version):
+                        try:
+                            versions[version] = self._servable(entry, version)
+                        except Exception as error:   # any failure: log, retry, keep serving
+                            self._load_failed(entry, version, error)
+                            missing = failed = True
+                        else:
+                            self._failed.pop((entry.base_path, version), None)
+                            LOG.info("model %s: version %d loaded", entry.name, version)
+                    else:
+                        missing = True
+                # Availability first: while a wanted version is not loaded, nothing unloads.
+                if missing:
+                    versions.update({v: s for v, s in current.items() if v not in versions})
+                if set(versions) == set(current):
+                    continue
+                served.versions = versions     # one assignment: readers see old or new
+                for version in sorted(set(current) - set(versions)):
+                    LOG.info("model %s: version %d unloading", entry.name, version)
+                    retired.append(current[version])
+                changed = True
+            if retired or failed:   # a failed load may have left a session nothing uses
+                self._unload(retired)
+            if changed and gc.get_freeze_count():
+                # The new sessions' objects join the frozen ones (see cli.main).
+                gc.collect()
+                gc.freeze()
+            return changed
+
+    def _may_load(self, entry: ModelEntry, version: int) -> bool:
+        failures, retry_at = self._failed.get((entry.base_path, version), (0, 0.0))
+        return failures <= self.MAX_LOAD_RETRIES and time.monotonic() >= retry_at
+
+    def _load_failed(self, entry: ModelEntry, version: int, error: Exception) -> None:
+        key = (entry.base_path, version)
+        failures = self._failed.get(key, (0, 0.0))[0] + 1
+        self._failed[key] = (failures, time.monotonic() + self.LOAD_RETRY_INTERVAL_S)
+        if failures <= self.MAX_LOAD_RETRIES:
+            LOG.error("model %s: loading version %d failed (retry %d of %d in %.0f s): %s",
+                      entry.name, version, failures, self.MAX_LOAD_RETRIES,
+                      self.LOAD_RETRY_INTERVAL_S, error)
+        else:
+            LOG.error("model %s: loading version %d failed %d times; giving up on it until "
+                      "the server restarts: %s", entry.name, version, failures, error)
+
+    def _unload(self, retired: list[Servable]) -> None:
+        """Drains and closes what no served version uses any more."""
+        live = [s for m in self.models.values() for s in m.versions.values()]
+        live_merged = {id(s.merged) for s in live if isinstance(s, MemberServable)}
+        live_models = {id(s.model) for s in live if isinstance(s, PlainServable)}
+        live_models |= {id(s.merged.model) for s in live if isinstance(s, MemberServable)}
+        queues = []
+        for servable in retired:
+            if isinstance(servable, PlainServable):
+                queues += servable.retire()
+        for key, merged in list(self._merged.items()):
+            if id(merged) not in live_merged:
+                queues.append(merged.queue)
+                del self._merged[key]
+        for queue in queues:
+            if not self.scheduler.retire(queue, self.DRAIN_TIMEOUT_S):
+                LOG.warning("model %s: requests still queued after %.0f s failed UNAVAILABLE "
+                            "when its version unloaded", queue.name, self.DRAIN_TIMEOUT_S)
+        for key, model in list(self._loaded.items()):
+            if id(model) not in live_models:
+                del self._loaded[key]
+                try:
+                    model.close()
+                except Exception:
+                    LOG.warning("closing %s failed", key[0], exc_info=True)
+                LOG.info("unloaded %s", key[0])
 
     def _merged_model(self, path, remote, version, model) -> MergedModel:
         key = (os.path.realpath(path), version)
@@ -136,11 +267,12 @@ class ModelManager:
             if label not in served.labels:
                 raise invalid_argument(f"Unrecognized servable version label: {label}")
             version = served.labels[label]
+        versions = served.versions   # once: polling may swap in a new dict meanwhile
         if version is None:
-            return served.versions[max(served.versions)]
-        if version not in served.versions:
+            return versions[max(versions)]
+        if version not in versions:
             raise not_found(f"Servable not found for request: Specific({name}, {version})")
-        return served.versions[version]
+        return versions[version]
 
     def input_dtypes(self, name: str, version: int | None, label: str | None,
                      signature_name: str) -> dict[str, int]:
@@ -149,11 +281,15 @@ class ModelManager:
     def predict(self, name: str, version: int | None, label: str | None, signature_name: str,
                 inputs: dict[str, np.ndarray], output_filter=()
                 ) -> tuple[Servable, Signature, Future]:
-        servable = self.resolve(name, version, label)
-        signature = servable.signature(signature_name)
-        signature.check_inputs(inputs)
-        output_keys = signature.check_output_filter(list(output_filter))
-        return servable, signature, servable.submit(signature, inputs, output_keys)
+        while True:
+            servable = self.resolve(name, version, label)
+            signature = servable.signature(signature_name)
+            signature.check_inputs(inputs)
+            output_keys = signature.check_output_filter(list(output_filter))
+            try:
+                return servable, signature, servable.submit(signature, inputs, output_keys)
+            except Retired:
+                continue   # its version was unloaded just now: the next resolve sees that
 
     def status(self, name: str, version: int | None, label: str | None = None
                ) -> list[int]:
@@ -167,13 +303,17 @@ class ModelManager:
             if label not in served.labels:
                 raise invalid_argument(f"Unrecognized servable version label: {label}")
             version = served.labels[label]
+        versions = served.versions
         if version is not None:
-            if version not in served.versions:
+            if version not in versions:
                 raise not_found(f"Could not find version {version} of model {name}")
             return [version]
-        return sorted(served.versions, reverse=True)
+        return sorted(versions, reverse=True)
 
     def close(self) -> None:
+        self._stop_polling.set()
+        if self._poll_thread is not None:
+            self._poll_thread.join(timeout=self.DRAIN_TIMEOUT_S + 5)
         self.scheduler.stop()
         for model in self._loaded.values():
             try:

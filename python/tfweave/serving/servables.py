@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tfweave.serving.batching import MergedBatchQueue, ModelBatchQueue, Task, batch_rows
+from tfweave.serving.batching import MergedBatchQueue, ModelBatchQueue, Retired, Task, batch_rows
 from tfweave.serving.status import invalid_argument
 from tfweave.serving.tensor_codec import dtype_name, numpy_dtype
 
@@ -132,10 +132,24 @@ class PlainServable(Servable):
         self._scheduler = scheduler
         self._batching = batching
         self._queues: dict[str, ModelBatchQueue] = {}
+        self.retired = False   # set (under the scheduler's lock) when this version unloads
+
+    def retire(self) -> list[ModelBatchQueue]:
+        """Refuses new requests from now on; returns the queues to drain."""
+        with self._scheduler.cv:
+            self.retired = True
+            return list(self._queues.values())
 
     def _queue(self, signature: Signature) -> ModelBatchQueue:
         queue = self._queues.get(signature.name)
-        if queue is None:
+        if queue is not None:
+            return queue
+        with self._scheduler.cv:   # not after retire() has listed the queues to drain
+            if self.retired:
+                raise Retired(self.name)
+            queue = self._queues.get(signature.name)
+            if queue is not None:
+                return queue
             params = self._batching
             enabled = params is not None
             from tfweave.serving.model_config import BatchingParameters

@@ -28,6 +28,8 @@ class ServerOptions:
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     model_warmup: bool = True              # replay assets.extra/tf_serving_warmup_requests
+    # --file_system_poll_wait_seconds: look for new versions this often (<= 0: only at start)
+    poll_wait_s: float = 1.0
     extra: dict = field(default_factory=dict)
 
 
@@ -84,6 +86,8 @@ class ModelServer:
         except Exception:
             self.stop()
             raise
+        if o.poll_wait_s > 0:
+            self.manager.start_polling(o.poll_wait_s)
         LOG.info("serving gRPC on %s:%s%s", o.host, self.grpc_port,
                  f", REST on {o.host}:{self.rest_port}" if self.rest_port else "")
         return self

@@ -64,6 +64,10 @@ def internal(message: str) -> ServingError:
     return ServingError("INTERNAL", message)
 
 
+def unavailable(message: str) -> ServingError:
+    return ServingError("UNAVAILABLE", message)
+
+
 def queue_full(model: str) -> ServingError:
     # TF Serving's batch scheduler words; code and HTTP status as issue #6 asks.
     return ServingError(

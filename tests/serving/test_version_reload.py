@@ -1,0 +1,255 @@
+"""New versions while serving (TF Serving's ``--file_system_poll_wait_seconds``): a version
+directory that appears under a base path is loaded and served, the one it replaces is drained
+and unloaded, and no request in flight across the swap is lost or answered by the wrong
+weights. Clients are tensorflow-serving-api's stubs and ``requests``; expected answers are
+computed with NumPy from each version's own weights."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import requests
+import tensorflow as tf
+from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc,
+                                     prediction_service_pb2_grpc)
+
+from tests.serving.model_fixtures import (IN_DIM, member_weights, write_handmade_merged,
+                                          write_member, write_text)
+from tests.serving.test_protocols import predict_request
+
+RNG = np.random.default_rng(7)
+SWAP_TIMEOUT_S = 90
+
+
+def numpy_logits(weights, x):
+    h = x.astype(np.float64)
+    for i, (w, b) in enumerate(weights):
+        h = h @ w + b
+        if i < len(weights) - 1:
+            h = np.maximum(h, 0.0)
+    return h
+
+
+def publish(write, base: str, version: int) -> str:
+    """Writes a version beside the base path, then renames it in: the server never sees a
+    half-written version (how versions should be published to TF Serving too)."""
+    staging = os.path.join(os.path.dirname(base), f".staging-{os.path.basename(base)}-{version}")
+    write(staging)
+    os.rename(staging, os.path.join(base, str(version)))
+    return os.path.join(base, str(version))
+
+
+def status_versions(model_stub, name: str) -> list[int]:
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = name
+    return [v.version for v in model_stub.GetModelStatus(request, timeout=30).model_version_status]
+
+
+def wait_for_versions(model_stub, name: str, want: list[int]) -> None:
+    deadline = time.monotonic() + SWAP_TIMEOUT_S
+    while status_versions(model_stub, name) != want:
+        assert time.monotonic() < deadline, f"{name} never came to serve versions {want}"
+        time.sleep(0.2)
+
+
+class Load:
+    """Closed-loop gRPC clients that record every answer (version, input, logits) or error."""
+
+    def __init__(self, target: str, names: list[str], clients: int = 4):
+        self.channel = grpc.insecure_channel(target)
+        self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self.answers: list[tuple[str, int, np.ndarray, np.ndarray]] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(names, i), daemon=True)
+                         for i in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _client(self, names, seed):
+        rng = np.random.default_rng(seed)
+        while not self._stop.is_set():
+            name = names[rng.integers(len(names))]
+            x = rng.standard_normal((int(rng.integers(1, 4)), IN_DIM)).astype(np.float32)
+            try:
+                response = self.stub.Predict(predict_request(name, x), timeout=30)
+            except grpc.RpcError as error:
+                self.errors.append(f"{name}: {error.code()} {error.details()}")
+                continue
+            self.answers.append((name, response.model_spec.version.value, x,
+                                 tf.make_ndarray(response.outputs["logits"])))
+
+    def stop(self):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        self.channel.close()
+
+
+def slow_batching(tmp_path) -> list[str]:
+    """Batches that wait 30 ms to fill: at any moment of the swap, requests sit queued on the
+    old version, which must answer them before it is closed."""
+    config = write_text(tmp_path / "batching.config", """
+max_batch_size { value: 64 }
+batch_timeout_micros { value: 30000 }
+num_batch_threads { value: 2 }
+max_enqueued_batches { value: 100 }
+""")
+    return ["--enable_batching", "--batching_parameters_file", config]
+
+
+def check_answers(answers, weights_of):
+    for name, version, x, logits in answers:
+        np.testing.assert_allclose(logits, numpy_logits(weights_of(name, version), x),
+                                   rtol=1e-4, atol=1e-5,
+                                   err_msg=f"{name} answered as version {version}")
+
+
+def test_a_new_version_is_served_under_load_and_the_old_one_unloaded(start_server, tmp_path):
+    base = str(tmp_path / "model")
+    os.makedirs(base)
+    weights = {1: member_weights(11), 2: member_weights(12)}
+    publish(lambda p: write_member(p, weights[1]), base, 1)
+    server = start_server(["--model_name", "m", "--model_base_path", base,
+                           "--file_system_poll_wait_seconds", "1"] + slow_batching(tmp_path))
+    channel = grpc.insecure_channel(server.grpc)
+    model_stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    assert status_versions(model_stub, "m") == [1]
+    load = Load(server.grpc, ["m"], clients=8)
+    try:
+        time.sleep(1.0)
+        publish(lambda p: write_member(p, weights[2]), base, 2)
+        wait_for_versions(model_stub, "m", [2])
+        settled = len(load.answers)
+        time.sleep(1.5)
+    finally:
+        load.stop()
+    assert not load.errors, load.errors[:5]
+    seen = {version for _, version, _, _ in load.answers}
+    assert seen == {1, 2}, seen
+    assert all(version == 2 for _, version, _, _ in load.answers[settled + 8:])
+    check_answers(load.answers, lambda name, version: weights[version])
+
+    # the old version is gone for a request naming it, as in TF Serving
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    x = RNG.standard_normal((1, IN_DIM)).astype(np.float32)
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Predict(predict_request("m", x, version=1), timeout=30)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    status = requests.get(f"{server.rest}/v1/models/m", timeout=30).json()
+    assert [v["version"] for v in status["model_version_status"]] == ["2"]
+    assert "version 2 loaded" in server.log() and "unloaded" in server.log()
+
+    # a version that cannot load is retried later; the serving one keeps serving
+    publish(lambda p: (os.makedirs(p), open(os.path.join(p, "saved_model.pb"), "wb").write(
+        b"not a SavedModel")), base, 3)
+    deadline = time.monotonic() + SWAP_TIMEOUT_S
+    while "loading version 3 failed" not in server.log():
+        assert time.monotonic() < deadline, server.log()[-3000:]
+        time.sleep(0.2)
+    assert status_versions(model_stub, "m") == [2]
+    response = stub.Predict(predict_request("m", x), timeout=30)
+    assert response.model_spec.version.value == 2
+    np.testing.assert_allclose(tf.make_ndarray(response.outputs["logits"]),
+                               numpy_logits(weights[2], x), rtol=1e-4, atol=1e-5)
+    channel.close()
+    assert server.alive()
+
+
+def test_merged_members_move_to_the_new_merged_version_together(start_server, tmp_path):
+    base = str(tmp_path / "merged")
+    os.makedirs(base)
+    names = ["member0", "member1", "member2"]
+    weights = {v: [member_weights(100 * v + i) for i in range(3)] for v in (1, 2)}
+    for version in (1,):
+        publish(lambda p, v=version: write_handmade_merged(p, weights[v], names, names),
+                base, version)
+    server = start_server(["--model_name", "merged", "--model_base_path", base,
+                           "--file_system_poll_wait_seconds", "1"] + slow_batching(tmp_path))
+    channel = grpc.insecure_channel(server.grpc)
+    model_stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    load = Load(server.grpc, names, clients=6)
+    try:
+        time.sleep(1.0)
+        publish(lambda p: write_handmade_merged(p, weights[2], names, names), base, 2)
+        for name in names + ["merged"]:
+            wait_for_versions(model_stub, name, [2])
+        settled = len(load.answers)
+        time.sleep(1.5)
+    finally:
+        load.stop()
+    assert not load.errors, load.errors[:5]
+    assert {version for _, version, _, _ in load.answers} == {1, 2}
+    assert all(version == 2 for _, version, _, _ in load.answers[settled + 12:])
+    check_answers(load.answers, lambda name, version: weights[version][names.index(name)])
+    channel.close()
+
+
+def test_with_polling_off_a_new_version_waits_for_a_restart(start_server, tmp_path):
+    base = str(tmp_path / "model")
+    os.makedirs(base)
+    publish(lambda p: write_member(p, member_weights(21)), base, 1)
+    server = start_server(["--model_name", "m", "--model_base_path", base,
+                           "--file_system_poll_wait_seconds", "0"])
+    publish(lambda p: write_member(p, member_weights(22)), base, 2)
+    time.sleep(3.0)   # three poll intervals of the default
+    status = requests.get(f"{server.rest}/v1/models/m", timeout=30).json()
+    assert [v["version"] for v in status["model_version_status"]] == ["1"]
+    shutil.rmtree(os.path.join(base, "2"))
+
+
+def test_a_request_that_resolved_a_retiring_version_resolves_again():
+    """The window between resolving a version and queueing on it: if the version retires in
+    between, the request goes to the version that replaced it (never an error)."""
+    from concurrent.futures import Future
+
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    from tfweave.serving.batching import Retired
+    from tfweave.serving.model_manager import ModelManager, ServedModel
+    from tfweave.serving.servables import Servable, Signature
+
+    proto = meta_graph_pb2.SignatureDef()
+    proto.inputs["x"].dtype = tf.float32.as_datatype_enum
+    proto.inputs["x"].tensor_shape.unknown_rank = True
+    proto.outputs["y"].dtype = tf.float32.as_datatype_enum
+    served = ServedModel("m", "plain")
+
+    class Version(Servable):
+        def __init__(self, version, retiring):
+            self.name, self.version, self.retiring = "m", version, retiring
+            self.signatures = {"serving_default": Signature("serving_default", proto)}
+
+        def submit(self, signature, inputs, output_keys):
+            if self.retiring:   # the poller swapped the versions after this one resolved
+                served.versions = {2: Version(2, False)}
+                raise Retired("m")
+            future = Future()
+            future.set_result({"y": inputs["x"] * self.version})
+            return future
+
+    class Backend:
+        name = "fake"
+
+        def close(self):
+            pass
+
+    class Metrics:
+        def observe_batch(self, *args):
+            pass
+
+    manager = ModelManager([], Backend(), None, Metrics())
+    try:
+        served.versions = {1: Version(1, True)}
+        manager.models["m"] = served
+        servable, _, future = manager.predict("m", None, None, "", {"x": np.ones((1, 2),
+                                                                                  np.float32)})
+        assert servable.version == 2 and future.result(1)["y"].tolist() == [[2.0, 2.0]]
+    finally:
+        manager.close()
