@@ -211,9 +211,17 @@ def test_clients_that_disconnect_mid_request_do_not_hurt_others(server, stub, as
     futures = [stub.Predict.future(_request("member1", x), timeout=30) for _ in range(20)]
     for future in futures:
         future.cancel()
-    with pytest.raises(grpc.RpcError) as caught:
-        stub.Predict(_request("member1", x), timeout=0.0001)
-    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # A call whose deadline passes while the server holds it. The client's deadline timer
+    # can lose the race against a loopback answer when the machine is busy (seen once in a
+    # few full-suite runs), so up to five tries; every failure must be DEADLINE_EXCEEDED.
+    codes = []
+    for _ in range(5):
+        try:
+            stub.Predict(_request("member1", x), timeout=0.0001)
+        except grpc.RpcError as error:
+            codes.append(error.code())
+            break
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED]
     time.sleep(0.2)
     # A pipelined keep-alive exchange still works byte for byte.
     answer = _raw_http(server, head + str(len(body)).encode() + b"\r\n\r\n" + body,
