@@ -1,8 +1,10 @@
-"""New versions while serving (TF Serving's ``--file_system_poll_wait_seconds``): a version
-directory that appears under a base path is loaded and served, the one it replaces is drained
-and unloaded, and no request in flight across the swap is lost or answered by the wrong
-weights. Clients are tensorflow-serving-api's stubs and ``requests``; expected answers are
-computed with NumPy from each version's own weights."""
+"""Changes while serving. New versions (TF Serving's ``--file_system_poll_wait_seconds``): a
+version directory that appears under a base path is loaded and served, the one it replaces is
+drained and unloaded, and no request in flight across the swap is lost or answered by the
+wrong weights. New configs (``HandleReloadConfigRequest``, ``--model_config_file_poll_wait_
+seconds``): models are added and removed, and a config that cannot load changes nothing.
+Clients are tensorflow-serving-api's stubs and ``requests``; expected answers are computed
+with NumPy from each version's own weights."""
 
 from __future__ import annotations
 
@@ -253,3 +255,109 @@ def test_a_request_that_resolved_a_retiring_version_resolves_again():
         assert servable.version == 2 and future.result(1)["y"].tolist() == [[2.0, 2.0]]
     finally:
         manager.close()
+
+
+def _model_config(*models):
+    """A ModelServerConfig of (name, base_path, platform) triples."""
+    from tensorflow_serving.config import model_server_config_pb2
+
+    config = model_server_config_pb2.ModelServerConfig()
+    for name, base_path, platform in models:
+        entry = config.model_config_list.config.add()
+        entry.name, entry.base_path, entry.model_platform = name, base_path, platform
+    return config
+
+
+def test_reload_config_adds_and_removes_models_while_serving(start_server, tmp_path):
+    from google.protobuf import text_format
+    from tensorflow_serving.apis import model_management_pb2
+
+    weights = {"a": member_weights(31), "b": member_weights(32)}
+    for name in weights:
+        os.makedirs(tmp_path / name)
+        publish(lambda p, n=name: write_member(p, weights[n]), str(tmp_path / name), 1)
+    names = ["fused0", "fused1"]
+    fused_weights = [member_weights(40), member_weights(41)]
+    os.makedirs(tmp_path / "fused")
+    publish(lambda p: write_handmade_merged(p, fused_weights, names, names),
+            str(tmp_path / "fused"), 1)
+    config = _model_config(("a", str(tmp_path / "a"), "tensorflow"))
+    path = tmp_path / "models.config"
+    path.write_text(text_format.MessageToString(config))
+    server = start_server(["--model_config_file", str(path)] + slow_batching(tmp_path))
+    channel = grpc.insecure_channel(server.grpc)
+    model_stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    load = Load(server.grpc, ["a"], clients=4)
+    try:
+        time.sleep(1.0)
+        request = model_management_pb2.ReloadConfigRequest()
+        request.config.CopyFrom(_model_config(
+            ("b", str(tmp_path / "b"), "tensorflow"),
+            ("fused0", str(tmp_path / "fused"), "netfuse"),
+            ("fused1", str(tmp_path / "fused"), "netfuse")))
+        response = model_stub.HandleReloadConfigRequest(request, timeout=120)
+        assert response.status.error_code == 0
+        time.sleep(0.5)
+    finally:
+        load.stop()
+    # "a" answered correctly until it was removed, then NOT_FOUND; nothing else went wrong
+    assert load.answers and all(e.startswith("a: StatusCode.NOT_FOUND") for e in load.errors)
+    check_answers(load.answers, lambda name, version: weights["a"])
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    x = RNG.standard_normal((2, IN_DIM)).astype(np.float32)
+    for name, w in [("b", weights["b"]), ("fused0", fused_weights[0]),
+                    ("fused1", fused_weights[1])]:
+        response = stub.Predict(predict_request(name, x), timeout=30)
+        np.testing.assert_allclose(tf.make_ndarray(response.outputs["logits"]),
+                                   numpy_logits(w, x), rtol=1e-4, atol=1e-5, err_msg=name)
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Predict(predict_request("a", x), timeout=30)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # a config that cannot load changes nothing
+    request = model_management_pb2.ReloadConfigRequest()
+    request.config.CopyFrom(_model_config(("b", str(tmp_path / "b"), "tensorflow"),
+                                          ("c", str(tmp_path / "missing"), "tensorflow")))
+    with pytest.raises(grpc.RpcError) as error:
+        model_stub.HandleReloadConfigRequest(request, timeout=120)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "missing" in error.value.details()
+    assert status_versions(model_stub, "fused1") == [1]
+    response = stub.Predict(predict_request("fused1", x), timeout=30)
+    np.testing.assert_allclose(tf.make_ndarray(response.outputs["logits"]),
+                               numpy_logits(fused_weights[1], x), rtol=1e-4, atol=1e-5)
+    channel.close()
+    assert server.alive()
+
+
+def test_a_changed_model_config_file_is_applied_when_polled(start_server, tmp_path):
+    from google.protobuf import text_format
+
+    weights = {"a": member_weights(51), "b": member_weights(52)}
+    for name in weights:
+        os.makedirs(tmp_path / name)
+        publish(lambda p, n=name: write_member(p, weights[n]), str(tmp_path / name), 1)
+    path = tmp_path / "models.config"
+    path.write_text(text_format.MessageToString(
+        _model_config(("a", str(tmp_path / "a"), "tensorflow"))))
+    server = start_server(["--model_config_file", str(path),
+                           "--model_config_file_poll_wait_seconds", "1"])
+    # a broken file is logged and ignored; then a good one replaces "a" by "b"
+    path.write_text("model_config_list { config { name: ")
+    deadline = time.monotonic() + SWAP_TIMEOUT_S
+    while "was not applied" not in server.log():
+        assert time.monotonic() < deadline, server.log()[-3000:]
+        time.sleep(0.2)
+    assert requests.get(f"{server.rest}/v1/models/a", timeout=30).status_code == 200
+    path.write_text(text_format.MessageToString(
+        _model_config(("b", str(tmp_path / "b"), "tensorflow"))))
+    deadline = time.monotonic() + SWAP_TIMEOUT_S
+    while requests.get(f"{server.rest}/v1/models/b", timeout=30).status_code != 200:
+        assert time.monotonic() < deadline, server.log()[-3000:]
+        time.sleep(0.2)
+    x = RNG.standard_normal((2, IN_DIM)).astype(np.float32)
+    answer = requests.post(f"{server.rest}/v1/models/b:predict",
+                           json={"instances": x.tolist()}, timeout=30).json()
+    np.testing.assert_allclose([p["logits"] for p in answer["predictions"]],
+                               numpy_logits(weights["b"], x), rtol=1e-4, atol=1e-5)
+    assert requests.get(f"{server.rest}/v1/models/a", timeout=30).status_code == 404

@@ -3,7 +3,8 @@
 Flags are tensorflow_model_server's (``--port``, ``--rest_api_port``, ``--model_config_file``,
 ``--model_name``/``--model_base_path``, ``--enable_batching``, ``--batching_parameters_file``,
 ``--rest_api_num_threads``, ``--rest_api_timeout_in_ms``, ``--tensorflow_*_parallelism``,
-``--enable_model_warmup``, ``--file_system_poll_wait_seconds``) plus
+``--enable_model_warmup``, ``--file_system_poll_wait_seconds``,
+``--model_config_file_poll_wait_seconds``) plus
 ``--host``, ``--backend`` and ``--max_request_bytes``. TensorFlow is imported in ``main`` only.
 """
 
@@ -55,6 +56,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="seconds between looks at the base paths for new versions, which are loaded (and "
              "the ones the version policy drops unloaded) while serving; 0 or less: only at "
              "startup (TF Serving's flag; default 1)")
+    add("--model_config_file_poll_wait_seconds", type=int, default=0,
+        help="re-read --model_config_file this often and apply a changed one (models added, "
+             "removed or changed); 0: never (TF Serving's flag and default)")
     add("--quiet", action="store_true", help="log warnings only")
 
 
@@ -95,7 +99,9 @@ def build_options(args):
         intra_op_threads=args.tensorflow_intra_op_parallelism,
         inter_op_threads=args.tensorflow_inter_op_parallelism,
         model_warmup=args.enable_model_warmup,
-        poll_wait_s=args.file_system_poll_wait_seconds)
+        poll_wait_s=args.file_system_poll_wait_seconds,
+        config_file=args.model_config_file,
+        config_poll_wait_s=args.model_config_file_poll_wait_seconds)
 
 
 def main(args) -> int:

@@ -147,9 +147,18 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
             context.abort(grpc.StatusCode[error.code], error.message)
 
     def HandleReloadConfigRequest(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                      "HandleReloadConfigRequest is not served by tfweave serve; "
-                      "restart the server with the new --model_config_file")
+        """TF Serving's dynamic config: serve ``request.config`` from now on. The models it
+        adds or changes load before anything switches; on an error nothing changes."""
+        from tensorflow_serving.apis import model_management_pb2
+
+        from tfweave.serving.model_config import ConfigError, entries_from_config
+
+        try:
+            self.manager.reload_config(entries_from_config(request.config,
+                                                           "HandleReloadConfigRequest"))
+        except ConfigError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return model_management_pb2.ReloadConfigResponse()
 
 
 class GrpcServer:

@@ -73,6 +73,13 @@ def parse_model_server_config(path: str) -> list[ModelEntry]:
         text_format.Parse(text, config)
     except text_format.ParseError as error:
         raise ConfigError(f"{path}: not a ModelServerConfig text proto: {error}") from error
+    return entries_from_config(config, path)
+
+
+def entries_from_config(config, where: str) -> list[ModelEntry]:
+    """A ModelServerConfig proto (from a file, or a ReloadConfigRequest) as entries; errors
+    name ``where``."""
+    path = where
     if config.WhichOneof("config") != "model_config_list":
         raise ConfigError(f"{path}: expected a model_config_list (custom_model_config is not "
                           "supported)")
@@ -252,5 +259,6 @@ def read_netfuse_metadata(version_dir: str) -> dict | None:
 
 
 __all__ = ["BatchingParameters", "ConfigError", "ModelEntry", "ServingError", "VersionPolicy",
-           "available_versions", "parse_batching_parameters", "parse_model_server_config",
+           "available_versions", "entries_from_config", "parse_batching_parameters",
+           "parse_model_server_config",
            "read_netfuse_metadata", "versions_to_load"]

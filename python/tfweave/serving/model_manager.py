@@ -116,9 +116,10 @@ class ModelManager:
             self.models[entry.name] = served
             LOG.info("serving %s (%s) versions %s", entry.name, served.kind, versions)
 
-    def _servable(self, entry: ModelEntry, version: int) -> Servable:
+    def _servable(self, entry: ModelEntry, version: int,
+                  entries: list[ModelEntry] | None = None) -> Servable:
         path = os.path.join(entry.base_path, str(version))
-        remote = self._remote_name(self.entries, entry)
+        remote = self._remote_name(self.entries if entries is None else entries, entry)
         model = self._loaded_model(path, remote, version)
         if entry.platform != NETFUSE_PLATFORM:
             return PlainServable(entry.name, version, model, self.scheduler, self.batching)
@@ -195,6 +196,39 @@ class ModelManager:
                 gc.collect()
                 gc.freeze()
             return changed
+
+    def reload_config(self, entries: list[ModelEntry]) -> None:
+        """Serves ``entries`` from now on (TF Serving's HandleReloadConfigRequest): models new
+        to the config, or whose entry changed, are loaded first; if any fails, nothing changes
+        and ConfigError says why. Then the new set is swapped in and the models (or versions)
+        it no longer names are retired as polling retires versions."""
+        with self._poll_lock:
+            old = {e.name: e for e in self.entries}
+            models: dict[str, ServedModel] = {}
+            try:
+                for entry in entries:
+                    if old.get(entry.name) == entry:
+                        models[entry.name] = self.models[entry.name]
+                        continue
+                    served = ServedModel(entry.name, "member" if entry.platform ==
+                                         NETFUSE_PLATFORM else "plain",
+                                         labels=dict(entry.version_labels),
+                                         base_path=entry.base_path)
+                    for version in versions_to_load(entry):
+                        served.versions[version] = self._servable(entry, version, entries)
+                    models[entry.name] = served
+            except Exception as error:
+                self._unload([])   # close what the failed attempt loaded and nothing serves
+                if isinstance(error, ConfigError):
+                    raise
+                raise ConfigError(f"reloading the model config failed: {error}") from error
+            retired = [s for name, served in self.models.items()
+                       if models.get(name) is not served for s in served.versions.values()]
+            self.entries = list(entries)
+            self.models = models               # one assignment: readers see old or new
+            for name in sorted(set(old) - set(models)):
+                LOG.info("model %s: removed from the config", name)
+            self._unload(retired)
 
     def _may_load(self, entry: ModelEntry, version: int) -> bool:
         failures, retry_at = self._failed.get((entry.base_path, version), (0, 0.0))

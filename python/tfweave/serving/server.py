@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 
 from tfweave.serving.model_config import (NETFUSE_PLATFORM, BatchingParameters, ConfigError,
@@ -30,6 +31,9 @@ class ServerOptions:
     model_warmup: bool = True              # replay assets.extra/tf_serving_warmup_requests
     # --file_system_poll_wait_seconds: look for new versions this often (<= 0: only at start)
     poll_wait_s: float = 1.0
+    # --model_config_file and --model_config_file_poll_wait_seconds: re-read it this often
+    config_file: str = ""
+    config_poll_wait_s: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -67,6 +71,8 @@ class ModelServer:
         self._rest = None
         self.grpc_port = None
         self.rest_port = None
+        self._stop_watching = threading.Event()
+        self._config_thread = None
 
     def start(self) -> "ModelServer":
         from tfweave.serving.grpc_service import GrpcServer
@@ -88,11 +94,47 @@ class ModelServer:
             raise
         if o.poll_wait_s > 0:
             self.manager.start_polling(o.poll_wait_s)
+        if o.config_file and o.config_poll_wait_s > 0:
+            self._config_thread = threading.Thread(target=self._watch_config, daemon=True,
+                                                   name="tfweave-config-poll")
+            self._config_thread.start()
         LOG.info("serving gRPC on %s:%s%s", o.host, self.grpc_port,
                  f", REST on {o.host}:{self.rest_port}" if self.rest_port else "")
         return self
 
+    def _watch_config(self) -> None:
+        """TF Serving's --model_config_file_poll_wait_seconds: a changed file is applied as a
+        HandleReloadConfigRequest would be; a bad one is logged and the old config kept."""
+        from tfweave.serving.model_config import ConfigError, parse_model_server_config
+
+        path = self.options.config_file
+
+        def read() -> str:
+            try:
+                with open(path) as f:
+                    return f.read()
+            except OSError as error:
+                return f"unreadable: {error}"
+
+        last = read()   # what the server started with (it was parsed moments ago)
+        while not self._stop_watching.wait(self.options.config_poll_wait_s):
+            text = read()
+            if text == last:
+                continue
+            last = text
+            try:
+                self.manager.reload_config(parse_model_server_config(path))
+                LOG.info("%s changed: now serving %s", path, ", ".join(sorted(
+                    self.manager.models)))
+            except ConfigError as error:
+                LOG.error("%s changed but was not applied (the old config keeps serving): %s",
+                          path, error)
+
     def stop(self) -> None:
+        self._stop_watching.set()
+        if self._config_thread is not None:
+            self._config_thread.join(timeout=70)
+            self._config_thread = None
         if self._rest is not None:
             self._rest.stop()
             self._rest = None
