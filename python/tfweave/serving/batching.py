@@ -448,8 +448,9 @@ class SharedBatchScheduler:
 
     def retire(self, queue: _Queue, timeout_s: float) -> bool:
         """Stops ``queue`` taking requests, waits until the ones it holds have been answered,
-        then removes it; False if that took longer than ``timeout_s`` (the queue is removed
-        anyway, and whatever it still held fails when its model is closed)."""
+        then removes it. False if that took longer than ``timeout_s``: the queue is removed
+        anyway, the requests still waiting in it fail UNAVAILABLE, and a batch still running
+        fails with its session's error when the caller closes the model."""
         with self.cv:
             queue.retired = True
             drained = self.cv.wait_for(lambda: not queue.depth() and not queue.running,

@@ -133,7 +133,8 @@ class ModelServer:
     def stop(self) -> None:
         self._stop_watching.set()
         if self._config_thread is not None:
-            self._config_thread.join(timeout=70)
+            # a reload in progress may be draining the queues it retires (up to a minute)
+            self._config_thread.join(timeout=self.manager.DRAIN_TIMEOUT_S + 10)
             self._config_thread = None
         if self._rest is not None:
             self._rest.stop()
