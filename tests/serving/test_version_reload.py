@@ -361,3 +361,41 @@ def test_a_changed_model_config_file_is_applied_when_polled(start_server, tmp_pa
     np.testing.assert_allclose([p["logits"] for p in answer["predictions"]],
                                numpy_logits(weights["b"], x), rtol=1e-4, atol=1e-5)
     assert requests.get(f"{server.rest}/v1/models/a", timeout=30).status_code == 404
+
+
+def test_a_grpc_front_switches_only_once_its_backend_serves_the_new_version(start_server,
+                                                                              tmp_path):
+    """Front and backend poll the same base path on their own clocks (here the backend every
+    4 s, the front every second): the front keeps forwarding to the old version until the
+    backend reports the new one AVAILABLE. The backend keeps two versions loaded (as a TF
+    Serving behind a front should during rollouts), so the old one still answers until the
+    front has switched."""
+    base = str(tmp_path / "merged")
+    os.makedirs(base)
+    names = ["member0", "member1"]
+    weights = {v: [member_weights(200 * v + i) for i in range(2)] for v in (1, 2)}
+    publish(lambda p: write_handmade_merged(p, weights[1], names, names), base, 1)
+    config = write_text(tmp_path / "backend.config", f"""model_config_list {{
+  config {{ name: "merged" base_path: "{base}"
+           model_version_policy {{ latest {{ num_versions: 2 }} }} }}
+}}""")
+    backend = start_server(["--model_config_file", config,
+                            "--file_system_poll_wait_seconds", "4"])
+    front = start_server(["--model_name", "merged", "--model_base_path", base,
+                          "--enable_batching", "--backend", f"grpc://{backend.grpc}",
+                          "--file_system_poll_wait_seconds", "1"])
+    channel = grpc.insecure_channel(front.grpc)
+    model_stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    load = Load(front.grpc, names, clients=4)
+    try:
+        time.sleep(1.0)
+        publish(lambda p: write_handmade_merged(p, weights[2], names, names), base, 2)
+        for name in names:
+            wait_for_versions(model_stub, name, [2])
+        time.sleep(1.0)
+    finally:
+        load.stop()
+    assert not load.errors, load.errors[:5]
+    assert {version for _, version, _, _ in load.answers} == {1, 2}
+    check_answers(load.answers, lambda name, version: weights[version][names.index(name)])
+    channel.close()

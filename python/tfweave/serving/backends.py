@@ -230,6 +230,24 @@ class GrpcBackend:
     def load(self, path: str, remote_name: str, version: int) -> LoadedModel:
         return RemoteModel(self, path, remote_name, version)
 
+    def available(self, remote_name: str, version: int) -> bool:
+        """Whether the remote serves this version yet. Both servers poll the same base path
+        on their own clocks; forwarding to a version the remote has not loaded would fail."""
+        import grpc
+        from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = remote_name
+        request.model_spec.version.value = version
+        try:
+            response = model_service_pb2_grpc.ModelServiceStub(self._channel).GetModelStatus(
+                request, timeout=10)
+        except grpc.RpcError:
+            return False
+        return any(v.version == version and
+                   v.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+                   for v in response.model_version_status)
+
     def close(self):
         self._channel.close()
 

@@ -168,6 +168,8 @@ class ModelManager:
                 for version in wanted:
                     if version in current:
                         versions[version] = current[version]
+                    elif not self._remote_has(entry, version):
+                        missing = True   # not a failure: asked again at the next poll
                     elif self._may_load(entry, version):
                         try:
                             versions[version] = self._servable(entry, version)
@@ -229,6 +231,15 @@ class ModelManager:
             for name in sorted(set(old) - set(models)):
                 LOG.info("model %s: removed from the config", name)
             self._unload(retired)
+
+    def _remote_has(self, entry: ModelEntry, version: int) -> bool:
+        """For a grpc:// backend, whether the remote serves this version yet (the local
+        directory can appear first); always true in process."""
+        available = getattr(self.backend, "available", None)
+        if available is None or (os.path.realpath(os.path.join(entry.base_path, str(version))),
+                                 version) in self._loaded:
+            return True
+        return available(self._remote_name(self.entries, entry), version)
 
     def _may_load(self, entry: ModelEntry, version: int) -> bool:
         failures, retry_at = self._failed.get((entry.base_path, version), (0, 0.0))
