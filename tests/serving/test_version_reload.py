@@ -47,10 +47,16 @@ def publish(write, base: str, version: int) -> str:
     return os.path.join(base, str(version))
 
 
-def status_versions(model_stub, name: str) -> list[int]:
+def model_status(model_stub, name: str):
     request = get_model_status_pb2.GetModelStatusRequest()
     request.model_spec.name = name
-    return [v.version for v in model_stub.GetModelStatus(request, timeout=30).model_version_status]
+    return model_stub.GetModelStatus(request, timeout=30).model_version_status
+
+
+def status_versions(model_stub, name: str) -> list[int]:
+    """The versions GetModelStatus reports AVAILABLE, newest first."""
+    return [v.version for v in model_status(model_stub, name)
+            if v.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE]
 
 
 def wait_for_versions(model_stub, name: str, want: list[int]) -> None:
@@ -156,6 +162,12 @@ def test_a_new_version_is_served_under_load_and_the_old_one_unloaded(start_serve
         assert time.monotonic() < deadline, server.log()[-3000:]
         time.sleep(0.2)
     assert status_versions(model_stub, "m") == [2]
+    # GetModelStatus shows why version 3 is not serving: TF Serving's END state, with the error
+    failed = [v for v in model_status(model_stub, "m") if v.version == 3]
+    assert len(failed) == 1 and failed[0].state == get_model_status_pb2.ModelVersionStatus.END
+    assert failed[0].status.error_code != 0 and "saved_model.pb" in failed[0].status.error_message
+    status = requests.get(f"{server.rest}/v1/models/m/versions/3", timeout=30).json()
+    assert status["model_version_status"][0]["state"] == "END", status
     response = stub.Predict(predict_request("m", x), timeout=30)
     assert response.model_spec.version.value == 2
     np.testing.assert_allclose(tf.make_ndarray(response.outputs["logits"]),

@@ -15,6 +15,7 @@ import logging
 import time
 
 import grpc
+from tensorflow.core.protobuf import error_codes_pb2
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
                                      model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
@@ -125,12 +126,17 @@ def model_metadata(manager, name, version, label, fields):
 
 def model_status(manager, name, version, label):
     response = get_model_status_pb2.GetModelStatusResponse()
-    for v in manager.status(name, version, label):
+    for v, error in manager.status(name, version, label):
         entry = response.model_version_status.add()
         entry.version = v
-        entry.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
-        entry.status.error_code = 0
-        entry.status.error_message = ""
+        if error is None:
+            entry.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+            entry.status.error_code = 0
+            entry.status.error_message = ""
+        else:   # its load failed (and may be retried): TF Serving's END with the error
+            entry.state = get_model_status_pb2.ModelVersionStatus.END
+            entry.status.error_code = error_codes_pb2.UNKNOWN
+            entry.status.error_message = error
     return response
 
 

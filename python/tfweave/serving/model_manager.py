@@ -66,7 +66,8 @@ class ModelManager:
         self._loaded: dict[tuple[str, int], object] = {}   # (version dir) -> LoadedModel
         self._merged: dict[tuple[str, int], MergedModel] = {}
         self._poll_lock = threading.Lock()
-        self._failed: dict[tuple[str, int], tuple[int, float]] = {}   # -> (failures, retry at)
+        # (base path, version) -> (failed attempts, next attempt at, last error)
+        self._failed: dict[tuple[str, int], tuple[int, float, str]] = {}
         self._warned: dict[str, str] = {}   # model name -> the policy error last logged
         self._poll_thread: threading.Thread | None = None
         self._stop_polling = threading.Event()
@@ -242,13 +243,15 @@ class ModelManager:
         return available(self._remote_name(self.entries, entry), version)
 
     def _may_load(self, entry: ModelEntry, version: int) -> bool:
-        failures, retry_at = self._failed.get((entry.base_path, version), (0, 0.0))
+        failures, retry_at, _ = self._failed.get((entry.base_path, version), (0, 0.0, ""))
         return failures <= self.MAX_LOAD_RETRIES and time.monotonic() >= retry_at
 
     def _load_failed(self, entry: ModelEntry, version: int, error: Exception) -> None:
         key = (entry.base_path, version)
-        failures = self._failed.get(key, (0, 0.0))[0] + 1
-        self._failed[key] = (failures, time.monotonic() + self.LOAD_RETRY_INTERVAL_S)
+        failures = self._failed.get(key, (0, 0.0, ""))[0] + 1
+        self._failed[key] = (failures, time.monotonic() + self.LOAD_RETRY_INTERVAL_S,
+                             f"{type(error).__name__}: {error}" if not isinstance(
+                                 error, ConfigError) else str(error))
         if failures <= self.MAX_LOAD_RETRIES:
             LOG.error("model %s: loading version %d failed (retry %d of %d in %.0f s): %s",
                       entry.name, version, failures, self.MAX_LOAD_RETRIES,
@@ -337,8 +340,10 @@ class ModelManager:
                 continue   # its version was unloaded just now: the next resolve sees that
 
     def status(self, name: str, version: int | None, label: str | None = None
-               ) -> list[int]:
-        """Loaded versions to report (TF Serving's GetModelStatus errors for unknown ones)."""
+               ) -> list[tuple[int, str | None]]:
+        """(version, None) for each loaded version to report, newest first, and (version,
+        error) for versions under the base path whose loading failed, as TF Serving reports
+        them in state END (GetModelStatus errors for versions it never saw)."""
         if not name:
             raise invalid_argument("Missing model name in request.")
         served = self.models.get(name)
@@ -349,11 +354,16 @@ class ModelManager:
                 raise invalid_argument(f"Unrecognized servable version label: {label}")
             version = served.labels[label]
         versions = served.versions
+        failed = {v: error for (base, v), (_, _, error) in self._failed.items()
+                  if base == served.base_path and v not in versions}
         if version is not None:
-            if version not in versions:
-                raise not_found(f"Could not find version {version} of model {name}")
-            return [version]
-        return sorted(versions, reverse=True)
+            if version in versions:
+                return [(version, None)]
+            if version in failed:
+                return [(version, failed[version])]
+            raise not_found(f"Could not find version {version} of model {name}")
+        return sorted([(v, None) for v in versions] + list(failed.items()), reverse=True,
+                      key=lambda item: item[0])
 
     def close(self) -> None:
         self._stop_polling.set()
