@@ -355,7 +355,8 @@ class ModelManager:
             version = served.labels[label]
         versions = served.versions
         failed = {v: error for (base, v), (_, _, error) in self._failed.items()
-                  if base == served.base_path and v not in versions}
+                  if base == served.base_path and v not in versions
+                  and os.path.isdir(os.path.join(base, str(v)))}   # not if since deleted
         if version is not None:
             if version in versions:
                 return [(version, None)]
