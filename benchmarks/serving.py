@@ -456,6 +456,60 @@ def _first_requests(report, root: Path, member_root: Path, names: list[str], mer
              [round(v, 1) for v in seconds])
 
 
+def _rollout(report, root: Path, names: list[str], merged: Path, batching: Path, feeds,
+             clients: int = 32) -> None:
+    """A new version published under load (``--file_system_poll_wait_seconds 1``): the
+    latency of the requests around the swap against the same load before it. The new
+    version is the merged model again (with its warmup file), renamed in as a deployment
+    would."""
+    import json
+    import urllib.request
+
+    base = root / "rollout"
+    shutil.copytree(merged / "1", base / "1")
+    server = _Server(["--model_name", "merged", "--model_base_path", str(base),
+                      "--enable_batching", "--batching_parameters_file", str(batching),
+                      "--file_system_poll_wait_seconds", "1"], root / "rollout.log")
+    try:
+        load = _LoadGenerator(server.target, names, feeds)
+        load.run(clients, 512)
+        stats = {}
+        for phase, total in (("steady", 4096), ("swap", 8192)):
+            if phase == "swap":
+                shutil.copytree(merged / "1", root / "rollout-staging")
+                threading.Timer(0.5, os.rename,
+                                (root / "rollout-staging", base / "2")).start()
+            load.latencies.clear()
+            failures, start = load.failures, time.perf_counter()
+            load.run(clients, total)
+            ms = [v * 1e3 for v in load.latencies]
+            stats[phase] = {"rps": round(len(ms) / (time.perf_counter() - start), 1),
+                            "p50_ms": round(_percentile(ms, 50), 1),
+                            "p99_ms": round(_percentile(ms, 99), 1),
+                            "max_ms": round(max(ms), 1),
+                            "failures": load.failures - failures}
+        load.close()
+        url = f"http://127.0.0.1:{server.rest_port}/v1/models/{names[0]}"
+        with urllib.request.urlopen(url, timeout=30) as page:
+            served = json.load(page)["model_version_status"][0]["version"]
+        if served != "2" or stats["swap"]["failures"]:
+            raise RuntimeError(f"rollout: serving version {served} after the swap, "
+                               f"{stats['swap']['failures']} failed requests; see "
+                               f"{root / 'rollout.log'}")
+    finally:
+        server.stop()
+    case = f"rollout/encoder-L4-H256-seq8/N={len(names)}/clients={clients}"
+    report.add(ratio_row(case, candidate_name="p99 ms around a version swap",
+                         baseline_name="p99 ms before it",
+                         candidate_value=stats["swap"]["p99_ms"],
+                         baseline_value=stats["steady"]["p99_ms"], higher_is_better=False,
+                         extra={"steady": stats["steady"], "swap": stats["swap"]}))
+    report.add(ratio_row(f"{case}/throughput", candidate_name="req/s around a version swap",
+                         baseline_name="req/s before it", candidate_value=stats["swap"]["rps"],
+                         baseline_value=stats["steady"]["rps"], higher_is_better=True))
+    LOG.info("rollout: %s", stats)
+
+
 def _model_run_cpu(member_dir: str, merged_dir: str, n: int) -> dict[str, float]:
     """CPU ms per request of a member's run of one row and of ragged merged runs with one row
     for each of k members (``_busy_counts``); called in a fresh process (see
@@ -555,6 +609,7 @@ def run(report, quick: bool) -> None:
                 _compute_bound(report, member_root / names[0] / "1", merged / "1", n)
                 _first_requests(report, root, member_root, names, merged, batching,
                                 encoder_feeds)
+                _rollout(report, root, names, merged, batching, encoder_feeds)
         report.notes.append(
             "encoder-L4-H256-seq8: netfuse.architectures.bert_encoder (L=4, H=256, 4 heads, "
             "FFN 1024, vocab 1000), members perturbed like fine-tuned copies, exported with "
@@ -562,6 +617,12 @@ def run(report, quick: bool) -> None:
             "(served through its 'ragged' signature: only members with requests are computed); "
             "1 request = 1 row of 8 tokens.")
         if not quick:
+            report.notes.append(
+                "rollout rows: 32 clients on the merged model; 4096 requests, then 8192 during "
+                "which a new version directory (the same model with its warmup file) is renamed "
+                "in and picked up by the 1 s version poll: loaded and warmed beside the serving "
+                "version, swapped in, the old one drained and closed. Extras: rps, p50/p99/max "
+                "ms and failures per phase.")
             report.notes.append(
                 "model-runs-only rows: CPU time per request of the model runs alone, in the "
                 "benchmark process (no gRPC, one intra-op thread): the ceiling for the serving "
