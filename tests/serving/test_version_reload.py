@@ -59,11 +59,17 @@ def status_versions(model_stub, name: str) -> list[int]:
             if v.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE]
 
 
-def wait_for_versions(model_stub, name: str, want: list[int]) -> None:
+def wait_until(condition, failure) -> None:
+    """Polls ``condition()`` until it holds; fails with ``failure()`` after SWAP_TIMEOUT_S."""
     deadline = time.monotonic() + SWAP_TIMEOUT_S
-    while status_versions(model_stub, name) != want:
-        assert time.monotonic() < deadline, f"{name} never came to serve versions {want}"
+    while not condition():
+        assert time.monotonic() < deadline, failure()
         time.sleep(0.2)
+
+
+def wait_for_versions(model_stub, name: str, want: list[int]) -> None:
+    wait_until(lambda: status_versions(model_stub, name) == want,
+               lambda: f"{name} never came to serve versions {want}")
 
 
 class Load:
@@ -157,10 +163,8 @@ def test_a_new_version_is_served_under_load_and_the_old_one_unloaded(start_serve
     # a version that cannot load is retried later; the serving one keeps serving
     publish(lambda p: (os.makedirs(p), open(os.path.join(p, "saved_model.pb"), "wb").write(
         b"not a SavedModel")), base, 3)
-    deadline = time.monotonic() + SWAP_TIMEOUT_S
-    while "loading version 3 failed" not in server.log():
-        assert time.monotonic() < deadline, server.log()[-3000:]
-        time.sleep(0.2)
+    wait_until(lambda: "loading version 3 failed" in server.log(),
+               lambda: server.log()[-3000:])
     assert status_versions(model_stub, "m") == [2]
     # GetModelStatus shows why version 3 is not serving: TF Serving's END state, with the error
     failed = [v for v in model_status(model_stub, "m") if v.version == 3]
@@ -176,6 +180,30 @@ def test_a_new_version_is_served_under_load_and_the_old_one_unloaded(start_serve
     assert server.alive()
 
 
+def merged_swap_under_load(server, base, names, weights, also, clients):
+    """Publishes version 2 of a merged model while ``clients`` call its members; waits until
+    the members (and the model names in ``also``) serve it, runs 1.5 s more, and checks that
+    nothing failed, both versions answered, and every answer equals its version's weights.
+    Returns the load and how many answers had arrived when the swap was seen."""
+    channel = grpc.insecure_channel(server.grpc)
+    model_stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    load = Load(server.grpc, names, clients=clients)
+    try:
+        time.sleep(1.0)
+        publish(lambda p: write_handmade_merged(p, weights[2], names, names), base, 2)
+        for name in names + also:
+            wait_for_versions(model_stub, name, [2])
+        settled = len(load.answers)
+        time.sleep(1.5)
+    finally:
+        load.stop()
+        channel.close()
+    assert not load.errors, load.errors[:5]
+    assert {version for _, version, _, _ in load.answers} == {1, 2}
+    check_answers(load.answers, lambda name, version: weights[version][names.index(name)])
+    return load, settled
+
+
 def test_merged_members_move_to_the_new_merged_version_together(start_server, tmp_path):
     base = str(tmp_path / "merged")
     os.makedirs(base)
@@ -186,23 +214,8 @@ def test_merged_members_move_to_the_new_merged_version_together(start_server, tm
                 base, version)
     server = start_server(["--model_name", "merged", "--model_base_path", base,
                            "--file_system_poll_wait_seconds", "1"] + slow_batching(tmp_path))
-    channel = grpc.insecure_channel(server.grpc)
-    model_stub = model_service_pb2_grpc.ModelServiceStub(channel)
-    load = Load(server.grpc, names, clients=6)
-    try:
-        time.sleep(1.0)
-        publish(lambda p: write_handmade_merged(p, weights[2], names, names), base, 2)
-        for name in names + ["merged"]:
-            wait_for_versions(model_stub, name, [2])
-        settled = len(load.answers)
-        time.sleep(1.5)
-    finally:
-        load.stop()
-    assert not load.errors, load.errors[:5]
-    assert {version for _, version, _, _ in load.answers} == {1, 2}
+    load, settled = merged_swap_under_load(server, base, names, weights, ["merged"], clients=6)
     assert all(version == 2 for _, version, _, _ in load.answers[settled + 12:])
-    check_answers(load.answers, lambda name, version: weights[version][names.index(name)])
-    channel.close()
 
 
 def test_with_polling_off_a_new_version_waits_for_a_restart(start_server, tmp_path):
@@ -356,17 +369,12 @@ def test_a_changed_model_config_file_is_applied_when_polled(start_server, tmp_pa
                            "--model_config_file_poll_wait_seconds", "1"])
     # a broken file is logged and ignored; then a good one replaces "a" by "b"
     path.write_text("model_config_list { config { name: ")
-    deadline = time.monotonic() + SWAP_TIMEOUT_S
-    while "was not applied" not in server.log():
-        assert time.monotonic() < deadline, server.log()[-3000:]
-        time.sleep(0.2)
+    wait_until(lambda: "was not applied" in server.log(), lambda: server.log()[-3000:])
     assert requests.get(f"{server.rest}/v1/models/a", timeout=30).status_code == 200
     path.write_text(text_format.MessageToString(
         _model_config(("b", str(tmp_path / "b"), "tensorflow"))))
-    deadline = time.monotonic() + SWAP_TIMEOUT_S
-    while requests.get(f"{server.rest}/v1/models/b", timeout=30).status_code != 200:
-        assert time.monotonic() < deadline, server.log()[-3000:]
-        time.sleep(0.2)
+    wait_until(lambda: requests.get(f"{server.rest}/v1/models/b", timeout=30).status_code == 200,
+               lambda: server.log()[-3000:])
     x = RNG.standard_normal((2, IN_DIM)).astype(np.float32)
     answer = requests.post(f"{server.rest}/v1/models/b:predict",
                            json={"instances": x.tolist()}, timeout=30).json()
@@ -396,18 +404,4 @@ def test_a_grpc_front_switches_only_once_its_backend_serves_the_new_version(star
     front = start_server(["--model_name", "merged", "--model_base_path", base,
                           "--enable_batching", "--backend", f"grpc://{backend.grpc}",
                           "--file_system_poll_wait_seconds", "1"])
-    channel = grpc.insecure_channel(front.grpc)
-    model_stub = model_service_pb2_grpc.ModelServiceStub(channel)
-    load = Load(front.grpc, names, clients=4)
-    try:
-        time.sleep(1.0)
-        publish(lambda p: write_handmade_merged(p, weights[2], names, names), base, 2)
-        for name in names:
-            wait_for_versions(model_stub, name, [2])
-        time.sleep(1.0)
-    finally:
-        load.stop()
-    assert not load.errors, load.errors[:5]
-    assert {version for _, version, _, _ in load.answers} == {1, 2}
-    check_answers(load.answers, lambda name, version: weights[version][names.index(name)])
-    channel.close()
+    merged_swap_under_load(front, base, names, weights, [], clients=4)
