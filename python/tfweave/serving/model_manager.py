@@ -36,6 +36,14 @@ from tfweave.serving.warmup import run_warmup
 LOG = logging.getLogger(__name__)
 
 
+def _refreeze() -> None:
+    """After models were loaded while serving: if the startup heap was frozen (cli.main), the
+    new sessions' long-lived objects join it, so full collections stay short."""
+    if gc.get_freeze_count():
+        gc.collect()
+        gc.freeze()
+
+
 @dataclass
 class ServedModel:
     name: str
@@ -108,14 +116,19 @@ class ModelManager:
 
     def _load(self, entries: list[ModelEntry]) -> None:
         for entry in entries:
-            versions = versions_to_load(entry)
-            served = ServedModel(entry.name, "member" if entry.platform == NETFUSE_PLATFORM
-                                 else "plain", labels=dict(entry.version_labels),
-                                 base_path=entry.base_path)
-            for version in versions:
-                served.versions[version] = self._servable(entry, version)
+            served = self._served_model(entry, entries)
             self.models[entry.name] = served
-            LOG.info("serving %s (%s) versions %s", entry.name, served.kind, versions)
+            LOG.info("serving %s (%s) versions %s", entry.name, served.kind,
+                     sorted(served.versions))
+
+    def _served_model(self, entry: ModelEntry, entries: list[ModelEntry]) -> ServedModel:
+        """``entry`` with every version its policy names loaded (ConfigError if one fails)."""
+        served = ServedModel(entry.name, "member" if entry.platform == NETFUSE_PLATFORM
+                             else "plain", labels=dict(entry.version_labels),
+                             base_path=entry.base_path)
+        for version in versions_to_load(entry):
+            served.versions[version] = self._servable(entry, version, entries)
+        return served
 
     def _servable(self, entry: ModelEntry, version: int,
                   entries: list[ModelEntry] | None = None) -> Servable:
@@ -194,10 +207,8 @@ class ModelManager:
                 changed = True
             if retired or failed:   # a failed load may have left a session nothing uses
                 self._unload(retired)
-            if changed and gc.get_freeze_count():
-                # The new sessions' objects join the frozen ones (see cli.main).
-                gc.collect()
-                gc.freeze()
+            if changed:
+                _refreeze()
             return changed
 
     def reload_config(self, entries: list[ModelEntry]) -> None:
@@ -210,16 +221,8 @@ class ModelManager:
             models: dict[str, ServedModel] = {}
             try:
                 for entry in entries:
-                    if old.get(entry.name) == entry:
-                        models[entry.name] = self.models[entry.name]
-                        continue
-                    served = ServedModel(entry.name, "member" if entry.platform ==
-                                         NETFUSE_PLATFORM else "plain",
-                                         labels=dict(entry.version_labels),
-                                         base_path=entry.base_path)
-                    for version in versions_to_load(entry):
-                        served.versions[version] = self._servable(entry, version, entries)
-                    models[entry.name] = served
+                    models[entry.name] = (self.models[entry.name] if old.get(entry.name) == entry
+                                          else self._served_model(entry, entries))
             except Exception as error:
                 self._unload([])   # close what the failed attempt loaded and nothing serves
                 if isinstance(error, ConfigError):
@@ -232,6 +235,7 @@ class ModelManager:
             for name in sorted(set(old) - set(models)):
                 LOG.info("model %s: removed from the config", name)
             self._unload(retired)
+            _refreeze()
 
     def _remote_has(self, entry: ModelEntry, version: int) -> bool:
         """For a grpc:// backend, whether the remote serves this version yet (the local
