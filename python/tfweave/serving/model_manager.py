@@ -36,6 +36,23 @@ from tfweave.serving.warmup import run_warmup
 LOG = logging.getLogger(__name__)
 
 
+def run_periodically(name: str, interval_s: float, fn, stop: threading.Event
+                     ) -> threading.Thread:
+    """Calls ``fn()`` every ``interval_s`` seconds on a daemon thread until ``stop`` is set;
+    an exception is logged and the next call still happens (a poll must never take the
+    server down)."""
+    def loop():
+        while not stop.wait(interval_s):
+            try:
+                fn()
+            except Exception:
+                LOG.exception("%s failed", name)
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
 def _refreeze() -> None:
     """After models were loaded while serving: if the startup heap was frozen (cli.main), the
     new sessions' long-lived objects join it, so full collections stay short."""
@@ -148,21 +165,15 @@ class ModelManager:
     # ----------------------------------------------------------------- version polling
     def start_polling(self, interval_s: float) -> None:
         """Calls ``poll`` every ``interval_s`` seconds on a daemon thread until ``close``."""
-        def loop():
-            while not self._stop_polling.wait(interval_s):
-                try:
-                    self.poll()
-                except Exception:   # a poll must never take the server down
-                    LOG.exception("polling the model base paths failed")
-
-        self._poll_thread = threading.Thread(target=loop, name="tfweave-poll", daemon=True)
-        self._poll_thread.start()
+        self._poll_thread = run_periodically("tfweave-poll", interval_s, self.poll,
+                                             self._stop_polling)
 
     def poll(self) -> bool:
         """One pass of TF Serving's file-system polling over every configured model; True if
         a version was loaded or unloaded."""
         with self._poll_lock:
             changed, retired, failed = False, [], False
+            remote_has = {}   # (remote name, version) -> bool: one backend call per pass
             for entry in self.entries:
                 served = self.models[entry.name]
                 try:
@@ -182,7 +193,7 @@ class ModelManager:
                 for version in wanted:
                     if version in current:
                         versions[version] = current[version]
-                    elif not self._remote_has(entry, version):
+                    elif not self._remote_has(entry, version, remote_has):
                         missing = True   # not a failure: asked again at the next poll
                     elif self._may_load(entry, version):
                         try:
@@ -237,14 +248,18 @@ class ModelManager:
             self._unload(retired)
             _refreeze()
 
-    def _remote_has(self, entry: ModelEntry, version: int) -> bool:
+    def _remote_has(self, entry: ModelEntry, version: int, asked: dict) -> bool:
         """For a grpc:// backend, whether the remote serves this version yet (the local
-        directory can appear first); always true in process."""
+        directory can appear first); always true in process. ``asked`` keeps the answers of
+        this poll pass: a merged model's members share one remote model."""
         available = getattr(self.backend, "available", None)
         if available is None or (os.path.realpath(os.path.join(entry.base_path, str(version))),
                                  version) in self._loaded:
             return True
-        return available(self._remote_name(self.entries, entry), version)
+        key = (self._remote_name(self.entries, entry), version)
+        if key not in asked:
+            asked[key] = available(*key)
+        return asked[key]
 
     def _may_load(self, entry: ModelEntry, version: int) -> bool:
         failures, retry_at, _ = self._failed.get((entry.base_path, version), (0, 0.0, ""))

@@ -95,16 +95,19 @@ class ModelServer:
         if o.poll_wait_s > 0:
             self.manager.start_polling(o.poll_wait_s)
         if o.config_file and o.config_poll_wait_s > 0:
-            self._config_thread = threading.Thread(target=self._watch_config, daemon=True,
-                                                   name="tfweave-config-poll")
-            self._config_thread.start()
+            from tfweave.serving.model_manager import run_periodically
+
+            self._config_thread = run_periodically(
+                "tfweave-config-poll", o.config_poll_wait_s, self._config_poller(),
+                self._stop_watching)
         LOG.info("serving gRPC on %s:%s%s", o.host, self.grpc_port,
                  f", REST on {o.host}:{self.rest_port}" if self.rest_port else "")
         return self
 
-    def _watch_config(self) -> None:
-        """TF Serving's --model_config_file_poll_wait_seconds: a changed file is applied as a
-        HandleReloadConfigRequest would be; a bad one is logged and the old config kept."""
+    def _config_poller(self):
+        """TF Serving's --model_config_file_poll_wait_seconds: returns the check to run every
+        period. A changed file is applied as a HandleReloadConfigRequest would be; a bad one is
+        logged and the old config kept."""
         from tfweave.serving.model_config import ConfigError, parse_model_server_config
 
         path = self.options.config_file
@@ -116,12 +119,13 @@ class ModelServer:
             except OSError as error:
                 return f"unreadable: {error}"
 
-        last = read()   # what the server started with (it was parsed moments ago)
-        while not self._stop_watching.wait(self.options.config_poll_wait_s):
+        last = [read()]   # what the server started with (it was parsed moments ago)
+
+        def check():
             text = read()
-            if text == last:
-                continue
-            last = text
+            if text == last[0]:
+                return
+            last[0] = text
             try:
                 self.manager.reload_config(parse_model_server_config(path))
                 LOG.info("%s changed: now serving %s", path, ", ".join(sorted(
@@ -129,6 +133,8 @@ class ModelServer:
             except ConfigError as error:
                 LOG.error("%s changed but was not applied (the old config keeps serving): %s",
                           path, error)
+
+        return check
 
     def stop(self) -> None:
         self._stop_watching.set()
