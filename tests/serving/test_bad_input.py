@@ -18,15 +18,24 @@ import requests
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from tests.serving.model_fixtures import IN_DIM
+from tests.serving.model_fixtures import IN_DIM, write_text
 
 MAX_REQUEST_BYTES = 64 * 1024
+# A lone request waits this long for its batch to fill, so the server always holds a call for
+# at least this long: a client deadline well below it passes while the server holds the call.
+BATCH_TIMEOUT_S = 0.05
 
 
 @pytest.fixture(scope="module")
-def server(zoo, start_server):
+def server(zoo, start_server, tmp_path_factory):
+    batching = write_text(tmp_path_factory.mktemp("bad_input") / "batching.config", f"""
+max_batch_size {{ value: 64 }}
+batch_timeout_micros {{ value: {int(BATCH_TIMEOUT_S * 1e6)} }}
+num_batch_threads {{ value: 2 }}
+""")
     return start_server(["--model_name", "merged", "--model_base_path", zoo["merged"],
-                         "--enable_batching", "--max_request_bytes", str(MAX_REQUEST_BYTES)])
+                         "--enable_batching", "--batching_parameters_file", batching,
+                         "--max_request_bytes", str(MAX_REQUEST_BYTES)])
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +85,12 @@ def assert_serving(server, stub, http, reference):
 
 
 def _grpc_error(call, request) -> grpc.RpcError:
+    return _grpc_error_with_timeout(call, request, 30)
+
+
+def _grpc_error_with_timeout(call, request, timeout) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as caught:
-        call(request, timeout=30)
+        call(request, timeout=timeout)
     return caught.value
 
 
@@ -211,17 +224,13 @@ def test_clients_that_disconnect_mid_request_do_not_hurt_others(server, stub, as
     futures = [stub.Predict.future(_request("member1", x), timeout=30) for _ in range(20)]
     for future in futures:
         future.cancel()
-    # A call whose deadline passes while the server holds it. The client's deadline timer
-    # can lose the race against a loopback answer when the machine is busy (seen once in a
-    # few full-suite runs), so up to five tries; every failure must be DEADLINE_EXCEEDED.
-    codes = []
-    for _ in range(5):
-        try:
-            stub.Predict(_request("member1", x), timeout=0.0001)
-        except grpc.RpcError as error:
-            codes.append(error.code())
-            break
-    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED]
+    # A call whose deadline passes while the server holds it (waiting for its batch). A
+    # sub-millisecond deadline is no test: gRPC's client timer loses the race against a fast
+    # loopback answer most of the time, so the server's batch timeout sets the hold instead.
+    # First let the abandoned calls' batch run, so this call starts a batch of its own.
+    time.sleep(2 * BATCH_TIMEOUT_S)
+    error = _grpc_error_with_timeout(stub.Predict, _request("member1", x), BATCH_TIMEOUT_S / 10)
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     time.sleep(0.2)
     # A pipelined keep-alive exchange still works byte for byte.
     answer = _raw_http(server, head + str(len(body)).encode() + b"\r\n\r\n" + body,
