@@ -599,13 +599,14 @@ def run(report, quick: bool) -> None:
                    client_counts, (lambda c: 100) if quick else (lambda c: max(300, 8 * c)),
                    repeats, batching, root, throughput, histograms)
             if n == 32:
-                # Both servers again with one intra-op thread per run: with the default (all
-                # cores per run) the per-model baseline's two batch threads oversubscribe the
-                # cores, so this is each side's better setting, still identical for both.
-                _cells(report, "encoder-L4-H256-seq8/intra_op=1", n, names, merged, config,
-                       encoder_feeds, [16, 32, 64], lambda c: max(300, 8 * c), repeats,
-                       batching, root, throughput, histograms,
-                       server_args=("--tensorflow_intra_op_parallelism", "1"))
+                # Both servers again with TensorFlow's own default, every core for every op of
+                # a run (the server's default gives each batch thread's run its share of the
+                # cores): what TF Serving does unless told otherwise, still identical for both.
+                cores = str(os.cpu_count() or 1)
+                _cells(report, f"encoder-L4-H256-seq8/intra_op={cores}", n, names, merged,
+                       config, encoder_feeds, [16, 32, 64], lambda c: max(300, 8 * c),
+                       repeats, batching, root, throughput, histograms,
+                       server_args=("--tensorflow_intra_op_parallelism", cores))
                 _compute_bound(report, member_root / names[0] / "1", merged / "1", n)
                 _first_requests(report, root, member_root, names, merged, batching,
                                 encoder_feeds)

@@ -184,7 +184,7 @@ def test_runs_in_the_batch_thread_equal_runs_on_the_inter_op_pool(tmp_path):
         pooled.close()
 
 
-def test_sessions_pinned_to_one_intra_op_thread_allow_one_merged_run_per_core(tmp_path):
+def test_sessions_pinned_to_one_intra_op_thread_allow_a_merged_run_per_core_but_one(tmp_path):
     import os
 
     import tensorflow as tf
@@ -202,7 +202,7 @@ def test_sessions_pinned_to_one_intra_op_thread_allow_one_merged_run_per_core(tm
         intra_op_parallelism_threads=1))
     default = SessionModel(str(tmp_path / "1"), tf.compat.v1.ConfigProto())
     try:
-        assert pinned.concurrent_runs == max(1, os.cpu_count() or 1)
+        assert pinned.concurrent_runs == max(1, (os.cpu_count() or 1) - 1)
         assert default.concurrent_runs == 1
         x = np.arange(6, dtype=np.float32).reshape(3, 2)
         assert pinned.run("serving_default", {"x": x}, ("y",))["y"].tolist() == (x * 2).tolist()
@@ -250,3 +250,21 @@ def test_retiring_a_queue_that_cannot_drain_fails_its_requests_unavailable(sched
         stuck.result(5)
     assert error.value.code == "UNAVAILABLE"
     merged.release.set()
+
+
+def test_the_default_intra_op_threads_share_the_cores_among_the_batch_threads(monkeypatch):
+    from tfweave.serving import backends
+    from tfweave.serving.model_config import BatchingParameters
+    from tfweave.serving.server import ModelServer, ServerOptions
+
+    monkeypatch.setattr(backends.os, "cpu_count", lambda: 8)
+    assert [backends.default_intra_op_threads(t) for t in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    made = []
+    real = backends.make_backend
+    monkeypatch.setattr(backends, "make_backend",
+                        lambda spec, **kw: made.append(kw) or real(spec, **kw))
+    for options in (ServerOptions(entries=[], batching=BatchingParameters(num_batch_threads=2)),
+                    ServerOptions(entries=[], batching=BatchingParameters(num_batch_threads=2),
+                                  intra_op_threads=3)):
+        ModelServer(options).stop()
+    assert [kw["intra_op_threads"] for kw in made] == [4, 3]   # the flag, when given, wins

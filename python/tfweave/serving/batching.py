@@ -13,8 +13,8 @@ request is oldest, forms the batch under the scheduler's lock and runs it outsid
   input when the merged graph accepts it, otherwise rows of zeros (see ``MergedModel``); a
   ragged merged model runs only the busy members' rows. A merged queue keeps one run in flight
   (two once a full batch waits), so requests arriving during a run are batched into the next;
-  a model whose session uses one of several cores per run (``intra_op_parallelism``) keeps
-  one run in flight per share of the cores.
+  a model whose session uses a share of the cores per run (``intra_op_parallelism``; the
+  server's default) keeps one run in flight per share, less the share left to the front end.
 
 Back-pressure: a queue holds at most ``max_batch_size * max_enqueued_batches`` rows (per
 member for merged queues); a request beyond that fails at once with RESOURCE_EXHAUSTED (REST

@@ -46,7 +46,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add("--rest_api_num_threads", type=int, default=256,
         help="most REST connections served at once (more get 503)")
     add("--rest_api_timeout_in_ms", type=int, default=30000, help="REST request timeout")
-    add("--tensorflow_intra_op_parallelism", type=int, default=0)
+    add("--tensorflow_intra_op_parallelism", type=int, default=0,
+        help="threads per op of a model run; 0 (default): the cores divided among the batch "
+             "threads (num_batch_threads), at least 1, rather than TensorFlow's every core "
+             "per op, which the batch threads' runs would share")
     add("--tensorflow_inter_op_parallelism", type=int, default=0)
     add("--enable_model_warmup", type=_flag_bool, nargs="?", const=True, default=True,
         metavar="true|false",

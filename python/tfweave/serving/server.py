@@ -56,13 +56,15 @@ def entries_for_base_path(name: str, base_path: str) -> list[ModelEntry]:
 
 class ModelServer:
     def __init__(self, options: ServerOptions):
-        from tfweave.serving.backends import make_backend
+        from tfweave.serving.backends import default_intra_op_threads, make_backend
         from tfweave.serving.metrics import Metrics
         from tfweave.serving.model_manager import ModelManager
 
         self.options = options
         self.metrics = Metrics()
-        backend = make_backend(options.backend, intra_op_threads=options.intra_op_threads,
+        batch_threads = (options.batching or BatchingParameters()).num_batch_threads
+        intra = options.intra_op_threads or default_intra_op_threads(batch_threads)
+        backend = make_backend(options.backend, intra_op_threads=intra,
                                inter_op_threads=options.inter_op_threads)
         self.manager = ModelManager(options.entries, backend, options.batching, self.metrics,
                                     model_warmup=options.model_warmup)
