@@ -52,10 +52,12 @@ def test_grouped_mode_replaces_every_dense_projection_by_grouped_matmul(rng):
     stock_ops = _graph_ops(stock.functions["prefixed"])
     projections = (stock_ops.count("Einsum") + stock_ops.count("BatchMatMulV2")
                    + stock_ops.count("MatMul"))
-    # what is left as a batched matmul multiplies two activations (attention scores)
+    # the attention's two products of activations (and its masked softmax) are one
+    # FusedAttention; nothing else is left as a batched matmul
     left = ops.count("Einsum") + ops.count("BatchMatMulV2") + ops.count("MatMul")
     assert ops.count("GroupedMatMul") >= 6  # q, k, v, output, two feed-forward (+ pooler)
-    assert left + ops.count("GroupedMatMul") == projections
+    assert ops.count("FusedAttention") == 1 and "Softmax" not in ops and left == 0
+    assert ops.count("GroupedMatMul") + 2 * ops.count("FusedAttention") == projections
     # every projection's bias is folded in (through the Tensordot reshape too), and the
     # feed-forward's exact GELU into its GroupedMatMulBias; the products without bias (or
     # without activation) are left unused in the trace and pruned when the function runs

@@ -1,6 +1,7 @@
 """The CPU kernel picks an AVX-512, AVX2+FMA or Eigen GEMM at run time; every path must agree
 with NumPy, including sizes that fall off the SIMD register tiles and transposes, with the
-ReLU / exact-GELU epilogue (vectorised on AVX-512, std::erf elsewhere), and GroupedLayerNorm."""
+ReLU / exact-GELU epilogue (vectorised on AVX-512, std::erf elsewhere), GroupedLayerNorm and
+FusedAttention."""
 
 import json
 import os
@@ -65,6 +66,22 @@ CHECK = textwrap.dedent("""
             z = y[rows].astype(np.float64)
             z = (z - z.mean(-1, keepdims=True)) / np.sqrt(z.var(-1, keepdims=True) + 1e-3)
             worst = max(worst, np.abs(normed[rows] - (z * gamma[g] + beta[g])).max(initial=0))
+    # FusedAttention (vectorised on AVX-512, scalar otherwise): head sizes with and without a
+    # partial 16-vector, value heads of another size, a mask broadcast over the heads with a
+    # query that sees no key (uniform weights, as Keras's masked softmax gives)
+    for b, t, s, n, h, hv in [(3, 5, 7, 2, 20, 33), (2, 8, 8, 4, 64, 64), (1, 1, 3, 1, 1, 17)]:
+        q = rng.standard_normal((b, t, n, h)).astype(np.float32)
+        k = rng.standard_normal((b, s, n, h)).astype(np.float32)
+        v = rng.standard_normal((b, s, n, hv)).astype(np.float32)
+        mask = rng.random((b, 1, t, s)) > 0.3
+        mask[0, 0, 0] = False
+        got = gmm.fused_attention(q, k, v, mask, scale=0.3, masked_value=-1e9).numpy()
+        scores = np.einsum("btnh,bsnh->bnts", q.astype(np.float64), k) * 0.3
+        scores = np.where(np.broadcast_to(mask, scores.shape), scores, -1e9)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        want = np.einsum("bnts,bsnh->btnh", weights, v)
+        worst = max(worst, np.abs(got - want).max(initial=0))
     print("RESULT " + json.dumps({"worst": float(worst)}))
 """)
 

@@ -8,7 +8,15 @@ graph::
 Lifted node by node, each is a pass over the activation (in BERT the FFN's widest tensor); seen
 as one ``GELU`` node, the lowerings fold it into the GroupedMatMulBias before it (the op's
 activation epilogue). Keras's ``LayerNormalization`` is eleven nodes (moments, rsqrt, scale,
-shift) that become one ``GroupedLayerNorm``. The stock mode lifts node by node, as before.
+shift) that become one ``GroupedLayerNorm``. Keras's ``MultiHeadAttention`` between its
+projections is::
+
+    Einsum(Softmax(SelectV2(LogicalAnd(ones_like(s), mask), s, -big)), value)
+        with s = Mul(Einsum(query, key), scale)
+
+(two Einsums that TensorFlow runs as oneDNN batched matmuls with transposes around them, and a
+oneDNN Softmax); it becomes one ``FusedAttention``. The stock mode lifts node by node, as
+before.
 A subgraph's inner nodes stay in the graph: any other consumer of them still reads them, and
 they are pruned where nothing does.
 """
@@ -22,7 +30,8 @@ from tfweave.netfuse.isomorphism import data_inputs, resolve
 # The pseudo-ops recognised subgraphs lift as (not TensorFlow ops).
 GELU = "TfweaveExactGelu"
 LAYER_NORM = "TfweaveLayerNorm"
-PSEUDO_OPS = (GELU, LAYER_NORM)
+ATTENTION = "TfweaveAttention"
+PSEUDO_OPS = (GELU, LAYER_NORM, ATTENTION)
 
 
 class FusedNode:
@@ -153,6 +162,85 @@ def _layer_norm_parts(nodes, node):
     return None
 
 
+def _equation(node) -> tuple[list[str], str] | None:
+    equation = node.attr["equation"].s.decode().replace(" ", "")
+    lhs, arrow, out = equation.partition("->")
+    terms = lhs.split(",")
+    if not arrow or "." in equation or len(terms) != 2:
+        return None
+    return terms, out
+
+
+def _roles(terms, out, pattern: str) -> dict[str, str] | None:
+    """Letter of each role when ``terms -> out`` spells ``pattern`` (e.g. "BTNH,BSNH->BNTS")
+    with distinct letters for distinct roles; else None."""
+    want_terms, want_out = pattern.split("->")
+    spelled = terms + [out]
+    roles: dict[str, str] = {}
+    for have, want in zip(spelled, want_terms.split(",") + [want_out]):
+        if len(have) != len(want):
+            return None
+        for letter, role in zip(have, want):
+            if roles.setdefault(role, letter) != letter:
+                return None
+    return roles if len(set(roles.values())) == len(roles) else None
+
+
+def _true_fill_of(nodes, tensor, like) -> bool:
+    """Whether ``tensor`` is ``Fill(Shape(like), True)`` (``ones_like`` of a bool)."""
+    fill = _producer(nodes, tensor, "Fill")
+    if fill is None:
+        return False
+    dims_t, value_t = [resolve(nodes, t) for t in data_inputs(fill)]
+    shape, value = nodes[dims_t[0]], nodes[value_t[0]]
+    if shape.op != "Shape" or resolve(nodes, data_inputs(shape)[0]) != like or \
+            value.op != "Const":
+        return False
+    from tensorflow.python.framework import tensor_util
+    array = tensor_util.MakeNdarray(value.attr["value"].tensor)
+    return array.dtype == np.bool_ and array.size == 1 and bool(array.ravel()[0])
+
+
+def _attention_parts(nodes, node):
+    """(query, key, value, mask or None, scale, masked_value) when ``node`` is the second
+    Einsum of Keras's scaled dot-product attention (see the module docstring); else None."""
+    second = _equation(node)
+    if second is None or _roles(*second, "BNTS,BSNH->BTNH") is None:
+        return None
+    probs_t, value = [resolve(nodes, t) for t in data_inputs(node)]
+    softmax = _producer(nodes, probs_t, "Softmax")
+    if softmax is None:
+        return None
+    scores_t = resolve(nodes, data_inputs(softmax)[0])
+    mask, masked_value = None, -1e9
+    select = _producer(nodes, scores_t, "SelectV2")
+    if select is not None:
+        condition, scores_t, else_t = [resolve(nodes, t) for t in data_inputs(select)]
+        masked_value = _scalar(nodes, else_t)
+        if masked_value is None:
+            return None
+        mask = condition
+        pair = _operands(nodes, nodes[condition[0]], "LogicalAnd")
+        for ones, other in _either(pair):
+            if _true_fill_of(nodes, ones, scores_t):
+                mask = other  # ones_like(scores) & mask: the mask, broadcast
+                break
+    scale = 1.0
+    for scale_t, product_t in _either(_operands(nodes, nodes[scores_t[0]], "Mul")):
+        found = _scalar(nodes, scale_t)
+        if found is not None:
+            scale, scores_t = found, product_t
+            break
+    first = _producer(nodes, scores_t, "Einsum")
+    if first is None:
+        return None
+    parsed = _equation(first)
+    if parsed is None or _roles(*parsed, "BTNH,BSNH->BNTS") is None:
+        return None
+    query, key = [resolve(nodes, t) for t in data_inputs(first)]
+    return query, key, value, mask, scale, masked_value
+
+
 def find_fusions(nodes: dict) -> dict[str, FusedNode]:
     """Node name -> the FusedNode it lifts as, for every recognised subgraph."""
     fused = {}
@@ -167,4 +255,11 @@ def find_fusions(nodes: dict) -> dict[str, FusedNode]:
                 x, gamma, beta, epsilon, axes = parts
                 fused[node.name] = FusedNode(LAYER_NORM, node, [x, gamma, beta],
                                              epsilon=epsilon, axes=axes)
+        elif node.op == "Einsum":
+            parts = _attention_parts(nodes, node)
+            if parts is not None:
+                query, key, value, mask, scale, masked_value = parts
+                inputs = [query, key, value] + ([mask] if mask is not None else [])
+                fused[node.name] = FusedNode(ATTENTION, node, inputs, scale=scale,
+                                             masked_value=masked_value)
     return fused

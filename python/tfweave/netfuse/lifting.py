@@ -24,7 +24,8 @@ import string
 import numpy as np
 
 from tfweave.netfuse.errors import UnsupportedOpError
-from tfweave.netfuse.fusion import GELU, LAYER_NORM, PSEUDO_OPS, FusedNode, find_fusions
+from tfweave.netfuse.fusion import (ATTENTION, GELU, LAYER_NORM, PSEUDO_OPS, FusedNode,
+                                    find_fusions)
 from tfweave.netfuse.isomorphism import PASS_THROUGH_OPS, data_inputs, resolve, tensor_of
 
 LOG = logging.getLogger("tfweave.netfuse")
@@ -674,6 +675,53 @@ def _layer_norm(lx, node, ins):
     axes = [a + 1 if a >= 0 else a for a in node.params["axes"]]  # past the model axis
     args = [lx.stacked(v, rank) if v.per_model else lx.shared(v) for v in (x, gamma, beta)]
     return [Value(STACKED, layer_norm_composite(*args, node.params["epsilon"], axes))]
+
+
+def attention_composite(q, k, v, mask, scale: float, masked_value: float):
+    """Keras's attention between its projections on lifted tensors (``[..., T, N, H]`` with any
+    leading axes; ``mask`` broadcasting to ``[..., N, T, S]`` or None), op for op: the
+    fallback of FusedAttention for what the op does not take (dtypes other than float32)."""
+    import tensorflow as tf
+    scores = tf.einsum("...tnh,...snh->...nts", q, k) * tf.cast(scale, q.dtype)
+    if mask is not None:
+        scores = tf.where(mask, scores, tf.cast(masked_value, q.dtype))
+    return tf.einsum("...nts,...snh->...tnh", tf.nn.softmax(scores, axis=-1), v)
+
+
+def fused_attention_rows(q, k, v, mask, node):
+    """FusedAttention over ``[R, T, N, H]`` rows (every member's sequences, one after another)
+    with ``mask`` broadcasting to ``[R, N, T, S]`` (or None); None when the op does not apply
+    (it is float32 only)."""
+    import tensorflow as tf
+    from tfweave.ops.grouped_matmul import fused_attention
+    if any(t.dtype != tf.float32 or t.shape.rank != 4 for t in (q, k, v)):
+        return None
+    return fused_attention(q, k, v, True if mask is None else mask,
+                           scale=node.params["scale"], masked_value=node.params["masked_value"])
+
+
+@rule(ATTENTION)
+def _attention(lx, node, ins):
+    import tensorflow as tf
+    q, k, v = (lx.stacked(x, 4) for x in ins[:3])   # [N, B, T, heads, H] (members first)
+    mask = lx.stacked(ins[3], 4) if len(ins) == 4 else None
+    if all(t.shape.rank == 5 for t in (q, k, v)):
+        def fold(t):   # members into the batch axis: [N * B, ...]
+            shape = tf.shape(t)
+            return tf.reshape(t, tf.concat([[shape[0] * shape[1]], shape[2:]], 0))
+
+        folded_mask = None
+        if mask is not None:  # [N, B or 1, ...]: every member's own batch rows, then folded
+            folded_mask = fold(tf.broadcast_to(
+                mask, tf.concat([tf.shape(q)[:2], tf.shape(mask)[2:]], 0)))
+        out = fused_attention_rows(fold(q), fold(k), fold(v), folded_mask, node)
+        if out is not None:
+            shape = tf.concat([tf.shape(q)[:4], tf.shape(v)[4:]], 0)
+            out = tf.reshape(out, shape)
+            out.set_shape(_static(q.shape)[:4] + _static(v.shape)[4:])
+            return [Value(STACKED, out)]
+    return [Value(STACKED, attention_composite(q, k, v, mask, node.params["scale"],
+                                               node.params["masked_value"]))]
 
 
 @rule("Relu")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from tfweave.netfuse.errors import UnsupportedOpError
-from tfweave.netfuse.fusion import GELU, LAYER_NORM, PSEUDO_OPS
+from tfweave.netfuse.fusion import ATTENTION, GELU, LAYER_NORM, PSEUDO_OPS
 from tfweave.netfuse.lifting import (MODEL_CONST, SHARED, Value, _static,
                                      _static_int, attr_value, product_suffix)
 
@@ -222,6 +222,28 @@ def _layer_norm(lx, node, ins):
             return [ragged(out, sizes_of(x))]
     args = [_per_row(lx, node, v, x, rank) for v in (x, gamma, beta)]
     return [ragged(layer_norm_composite(*args, node.params["epsilon"], axes), sizes_of(x))]
+
+
+@ragged_rule(ATTENTION)
+def _attention(lx, node, ins):
+    from tfweave.netfuse.lifting import attention_composite, fused_attention_rows
+    q, k, v = ins[:3]
+    mask = ins[3] if len(ins) == 4 else None
+    if not all(x.kind == RAGGED for x in (q, k, v)):
+        raise UnsupportedOpError(node.op, node.name, "attention over per-model or shared "
+                                 "queries, keys or values (ragged mode)")
+    if mask is not None and mask.kind not in (RAGGED, SHARED):
+        raise UnsupportedOpError(node.op, node.name, "a per-model attention mask (ragged mode)")
+    # A ragged mask has the rows first, as q does; a shared one broadcasts from the right.
+    mask_t = None if mask is None else (mask.tensor if mask.kind == RAGGED else lx.shared(mask))
+    if mask is not None and mask.kind == RAGGED and mask_t.shape.rank != 4:
+        raise UnsupportedOpError(node.op, node.name, "a per-row attention mask that is not "
+                                 "[B, N or 1, T or 1, S] (ragged mode)")
+    out = fused_attention_rows(q.tensor, k.tensor, v.tensor, mask_t, node)
+    if out is None:
+        out = attention_composite(q.tensor, k.tensor, v.tensor, mask_t, node.params["scale"],
+                                  node.params["masked_value"])
+    return [ragged(out, sizes_of(q))]
 
 
 @ragged_rule(GELU, "Relu")

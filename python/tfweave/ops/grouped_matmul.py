@@ -29,7 +29,8 @@ import tensorflow as tf
 
 from tfweave.ops import load_library
 
-__all__ = ["grouped_layer_norm", "grouped_matmul", "grouped_matmul_weight_grad", "load_ops"]
+__all__ = ["attention_reference", "fused_attention", "grouped_layer_norm", "grouped_matmul",
+           "grouped_matmul_weight_grad", "load_ops"]
 
 FAMILY = "grouped_matmul"
 
@@ -108,6 +109,51 @@ def grouped_layer_norm(x, group_sizes, gamma, beta, *, epsilon: float = 1e-3, na
     """
     return load_ops().grouped_layer_norm(x, group_sizes, gamma, beta, epsilon=epsilon,
                                          name=name)
+
+
+def fused_attention(q, k, v, mask=True, *, scale: float = 1.0, masked_value: float = -1e9,
+                    name=None):
+    """Scaled dot-product attention per head, in multi-head attention's ``[B, T, N, H]`` layout.
+
+    ``y[b, t, n] = sum_s softmax_s(score)[s] * v[b, s, n]`` with ``score[s] = scale *
+    dot(q[b, t, n], k[b, s, n])`` where ``mask[b, n, t, s]`` holds, else ``masked_value``:
+    Keras's MultiHeadAttention between its projections (two Einsums, the scale, the masking
+    SelectV2 and the Softmax), in one op that reads q, k and v where they lie. NetFuse's
+    grouped and ragged modes lift that subgraph into it. CPU only (on a GPU, TensorFlow runs
+    it on the CPU). Gradients for q, k and v are registered (through the reference below).
+
+    Args:
+      q: ``[B, T, N, H]`` float32.
+      k: ``[B, S, N, H]`` float32.
+      v: ``[B, S, N, Hv]`` float32.
+      mask: bool, broadcasting to ``[B, N, T, S]`` (NumPy's rules); ``True``: no mask.
+      scale: multiplies every dot product.
+      masked_value: the score of a masked position (all masked: uniform weights, as Keras).
+
+    Raises:
+      tf.errors.InvalidArgumentError: on shapes that disagree or a mask that does not
+        broadcast.
+    """
+    return load_ops().fused_attention(q, k, v, tf.convert_to_tensor(mask, tf.bool),
+                                      scale=scale, masked_value=masked_value, name=name)
+
+
+def attention_reference(q, k, v, mask=True, *, scale: float = 1.0, masked_value: float = -1e9):
+    """What ``fused_attention`` computes, in TensorFlow's own ops (as Keras spells it)."""
+    scores = tf.einsum("BTNH,BSNH->BNTS", q, k) * scale
+    scores = tf.where(tf.convert_to_tensor(mask, tf.bool), scores,
+                      tf.constant(masked_value, scores.dtype))
+    return tf.einsum("BNTS,BSNH->BTNH", tf.nn.softmax(scores, axis=-1), v)
+
+
+@tf.RegisterGradient("FusedAttention")
+def _fused_attention_grad(op, dy):
+    q, k, v, mask = op.inputs
+    with tf.GradientTape() as tape:
+        tape.watch([q, k, v])
+        y = attention_reference(q, k, v, mask, scale=op.get_attr("scale"),
+                                masked_value=op.get_attr("masked_value"))
+    return tape.gradient(y, [q, k, v], output_gradients=dy) + [None]
 
 
 @tf.RegisterGradient("GroupedLayerNorm")
