@@ -41,14 +41,18 @@ def test_gpu_build_compiles_the_cuda_kernels_or_reports_missing_nvcc(tmp_path,
     # binary (the compiled GPU kernels) when the library loads.
     for launcher in ["LaunchGroupedMatMulGpu<float>",
                      "LaunchGroupedMatMulGpu<tensorflow::functor::HalfBits>",
-                     "LaunchGroupedMatMulWeightGradGpu<float>"]:
+                     "LaunchGroupedMatMulWeightGradGpu<float>", "LaunchGroupedLayerNormGpu",
+                     "LaunchFusedAttentionGpu"]:
         assert any(launcher in line for line in defined), launcher
     assert "__cudaRegisterFatBinary" in symbols
     # The GPU op kernels (registered for DEVICE_GPU) are in it: their class names appear.
     raw = library.read_bytes()
-    assert b"GroupedMatMulKernel" in raw  # the __global__ kernels' names, in the fat binary
-    assert b"GroupedMatMulOp<GPUDevice" in raw  # the GPU OpKernel registration's class name
+    for kernel in [b"GroupedMatMulKernel", b"FusedAttentionKernel"]:
+        assert kernel in raw  # the __global__ kernels' names, in the fat binary
+    for op_class in [b"GroupedMatMulOp<GPUDevice", b"FusedAttentionOp<GPUDevice"]:
+        assert op_class in raw  # the GPU OpKernel registrations' class names
 
     # The CPU library has none of this.
     cpu_symbols = _dynamic_symbols(grouped_matmul_library)
     assert "LaunchGroupedMatMulGpu" not in cpu_symbols
+    assert "LaunchFusedAttentionGpu" not in cpu_symbols

@@ -4,8 +4,8 @@
 // sizes (a few dozen positions, head size 64) TensorFlow's own path spends more time in
 // per-primitive overhead and transposes than in arithmetic.
 //
-// There is no GPU kernel: on a GPU the op runs on the CPU (TensorFlow places an op without a
-// GPU kernel there), which costs a copy of q, k and v each way.
+// The CUDA kernel (fused_attention_kernels_gpu.cu.cc) is compiled when nvcc exists; the glue
+// that launches it is at the end of this file.
 #define EIGEN_USE_THREADS
 
 #include <algorithm>
@@ -18,6 +18,7 @@
 #include <immintrin.h>
 #endif
 
+#include "tf_ops/grouped_matmul/kernels/grouped_matmul_launch.h"
 #include "tf_ops/grouped_matmul/kernels/packed_gemm.h"
 
 #include "tensorflow/core/framework/op_kernel.h"
@@ -27,15 +28,15 @@
 namespace tensorflow {
 namespace {
 
-// One call's operands. Strides are in floats (bools for the mask); a mask stride of 0 is a
-// broadcast axis.
-struct Attention {
-  int64_t batch, queries, keys, heads, depth, value_depth;
-  float scale, masked_value;
-  const float *q, *k, *v;
-  const bool* mask;
-  int64_t mask_stride[4];  // [B, N, T, S]
-  float* y;
+using CPUDevice = Eigen::ThreadPoolDevice;
+using GPUDevice = Eigen::GpuDevice;
+
+// One call's shapes (functor::AttentionProblem: mask strides over [B, N, T, S], 0 on a
+// broadcast axis) and operands.
+struct Attention : functor::AttentionProblem {
+  const float *q = nullptr, *k = nullptr, *v = nullptr;
+  const bool* mask = nullptr;
+  float* y = nullptr;
 
   const float* QueryRow(int64_t b, int64_t t, int64_t n) const {
     return q + ((b * queries + t) * heads + n) * depth;
@@ -150,6 +151,41 @@ void Attend(const Attention& a, int64_t begin, int64_t end) {
   AttendScalar(a, begin, end, scores.data());
 }
 
+template <typename Device>
+struct AttentionRunner;
+
+template <>
+struct AttentionRunner<CPUDevice> {
+  static absl::Status Run(OpKernelContext* ctx, const Attention& a) {
+    // Per (batch, head): T x S dot products of H and T x S multiply-adds of Hv, plus the
+    // softmax's exponentials.
+    const int64_t cost = a.queries * a.keys * (2 * (a.depth + a.value_depth) + 20);
+    ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
+        a.batch * a.heads,
+        thread::ThreadPool::SchedulingParams(thread::ThreadPool::SchedulingStrategy::kAdaptive,
+                                             cost, std::nullopt),
+        [&a](int64_t begin, int64_t end) { Attend(a, begin, end); });
+    return absl::OkStatus();
+  }
+};
+
+#if GOOGLE_CUDA
+template <>
+struct AttentionRunner<GPUDevice> {
+  static absl::Status Run(OpKernelContext* ctx, const Attention& a) {
+    Tensor scratch;
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(
+        DT_FLOAT, TensorShape({a.batch * a.queries * a.heads * a.keys}), &scratch));
+    const char* error = functor::LaunchFusedAttentionGpu(
+        ctx->eigen_device<GPUDevice>().stream(), a, a.q, a.k, a.v, a.mask,
+        scratch.flat<float>().data(), a.y);
+    if (error != nullptr) return errors::Internal("FusedAttention GPU launch failed: ", error);
+    return absl::OkStatus();
+  }
+};
+#endif  // GOOGLE_CUDA
+
+template <typename Device>
 class FusedAttentionOp : public OpKernel {
  public:
   explicit FusedAttentionOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -210,14 +246,7 @@ class FusedAttentionOp : public OpKernel {
     a.v = v.flat<float>().data();
     a.mask = mask.flat<bool>().data();
     a.y = y->flat<float>().data();
-    // Per (batch, head): T x S dot products of H and T x S multiply-adds of Hv, plus the
-    // softmax's exponentials.
-    const int64_t cost = a.queries * a.keys * (2 * (a.depth + a.value_depth) + 20);
-    ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
-        a.batch * a.heads,
-        thread::ThreadPool::SchedulingParams(thread::ThreadPool::SchedulingStrategy::kAdaptive,
-                                             cost, std::nullopt),
-        [&a](int64_t begin, int64_t end) { Attend(a, begin, end); });
+    OP_REQUIRES_OK(ctx, AttentionRunner<Device>::Run(ctx, a));
   }
 
  private:
@@ -228,6 +257,10 @@ class FusedAttentionOp : public OpKernel {
 }  // namespace
 
 REGISTER_KERNEL_BUILDER(Name("FusedAttention").Device(DEVICE_CPU).TypeConstraint<float>("T"),
-                        FusedAttentionOp);
+                        FusedAttentionOp<CPUDevice>);
+#if GOOGLE_CUDA
+REGISTER_KERNEL_BUILDER(Name("FusedAttention").Device(DEVICE_GPU).TypeConstraint<float>("T"),
+                        FusedAttentionOp<GPUDevice>);
+#endif  // GOOGLE_CUDA
 
 }  // namespace tensorflow

@@ -50,6 +50,20 @@ const char* LaunchGroupedLayerNormGpu(void* stream, int64_t groups, int64_t rows
                                       const int64_t* offsets, float epsilon, const float* x,
                                       const float* gamma, const float* beta, float* y);
 
+// FusedAttention: q [B, T, N, H], k [B, S, N, H], v [B, S, N, Hv] -> y [B, T, N, Hv]; the mask
+// is read at b * mask_stride[0] + n * mask_stride[1] + t * mask_stride[2] + s *
+// mask_stride[3] (a stride of 0 is a broadcast axis).
+struct AttentionProblem {
+  int64_t batch = 0, queries = 0, keys = 0, heads = 0, depth = 0, value_depth = 0;
+  float scale = 1.0f, masked_value = -1e9f;
+  int64_t mask_stride[4] = {0, 0, 0, 0};
+};
+
+// One block per output row (b, t, n); `scratch` holds B * T * N * S floats (the weights).
+const char* LaunchFusedAttentionGpu(void* stream, const AttentionProblem& problem,
+                                    const float* q, const float* k, const float* v,
+                                    const bool* mask, float* scratch, float* y);
+
 }  // namespace functor
 }  // namespace tensorflow
 
