@@ -57,6 +57,14 @@ class MergedModel:
         self.output_specs = metadata["outputs"]
 
     @property
+    def variables(self) -> tuple:
+        """The merged model's weight variables (every member's, stacked as the graph reads
+        them), in memory or loaded; empty for a model without weights."""
+        import tensorflow as tf
+        weights = getattr(self._keep_alive, "merged_weights", None)
+        return tuple(v for v in tf.nest.flatten(weights) if isinstance(v, tf.Variable))
+
+    @property
     def num_members(self) -> int:
         return len(self.members)
 

@@ -119,8 +119,9 @@ def fused_attention(q, k, v, mask=True, *, scale: float = 1.0, masked_value: flo
     dot(q[b, t, n], k[b, s, n])`` where ``mask[b, n, t, s]`` holds, else ``masked_value``:
     Keras's MultiHeadAttention between its projections (two Einsums, the scale, the masking
     SelectV2 and the Softmax), in one op that reads q, k and v where they lie. NetFuse's
-    grouped and ragged modes lift that subgraph into it. CPU only (on a GPU, TensorFlow runs
-    it on the CPU). Gradients for q, k and v are registered (through the reference below).
+    grouped and ragged modes lift that subgraph into it. CPU kernel (AVX-512 or scalar) and a
+    CUDA kernel in the GPU library. Gradients for q, k and v are registered (through the
+    reference below).
 
     Args:
       q: ``[B, T, N, H]`` float32.
