@@ -71,3 +71,19 @@ def test_merged_attention_runs_without_einsum_and_matches_members(mode, signatur
                "padding_mask": (np.arange(6)[None, :] < rng.integers(1, 7, size=(b, 1))
                                 ).astype("int32")} for b in (1, 2, 2)]
     assert_members_match(models, merged.run({i: inputs[i] for i in range(3)}), inputs)
+
+
+@pytest.mark.parametrize("mode,signature", [("grouped", "prefixed"), ("ragged", "ragged")])
+def test_attention_falls_back_to_tensorflows_ops_where_the_fused_op_does_not_apply(
+        mode, signature, rng, monkeypatch):
+    from tfweave.netfuse import lifting
+    monkeypatch.setattr(lifting, "fused_attention_rows", lambda *args: None)  # e.g. float16
+    models = [arch.perturb(arch.bert_encoder(seed, vocab=40, layers=1, hidden=16, heads=2,
+                                             max_positions=8), seed) for seed in range(2)]
+    merged = netfuse.merge(models, mode=mode)
+    ops = [n.op for n in merged.functions[signature].graph.as_graph_def().node]
+    assert "FusedAttention" not in ops and "Softmax" in ops
+    inputs = [{"token_ids": rng.integers(0, 40, size=(b, 6)).astype("int32"),
+               "padding_mask": (np.arange(6)[None, :] < rng.integers(1, 7, size=(b, 1))
+                                ).astype("int32")} for b in (2, 1)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(2)}), inputs)

@@ -227,23 +227,23 @@ def _layer_norm(lx, node, ins):
 @ragged_rule(ATTENTION)
 def _attention(lx, node, ins):
     from tfweave.netfuse.lifting import attention_composite, fused_attention_rows
-    q, k, v = ins[:3]
-    mask = ins[3] if len(ins) == 4 else None
-    if not all(x.kind == RAGGED for x in (q, k, v)):
-        raise UnsupportedOpError(node.op, node.name, "attention over per-model or shared "
-                                 "queries, keys or values (ragged mode)")
-    if mask is not None and mask.kind not in (RAGGED, SHARED):
-        raise UnsupportedOpError(node.op, node.name, "a per-model attention mask (ragged mode)")
-    # A ragged mask has the rows first, as q does; a shared one broadcasts from the right.
-    mask_t = None if mask is None else (mask.tensor if mask.kind == RAGGED else lx.shared(mask))
-    if mask is not None and mask.kind == RAGGED and mask_t.shape.rank != 4:
-        raise UnsupportedOpError(node.op, node.name, "a per-row attention mask that is not "
-                                 "[B, N or 1, T or 1, S] (ragged mode)")
-    out = fused_attention_rows(q.tensor, k.tensor, v.tensor, mask_t, node)
-    if out is None:
-        out = attention_composite(q.tensor, k.tensor, v.tensor, mask_t, node.params["scale"],
+    like = next((x for x in ins[:3] if x.kind == RAGGED), None)
+    if like is None:
+        raise UnsupportedOpError(node.op, node.name, "attention whose queries, keys and "
+                                 "values are all per-model or shared (ragged mode)")
+    q, k, v = (_per_row(lx, node, x, like, 4) for x in ins[:3])
+    mask = _per_row(lx, node, ins[3], like, 4) if len(ins) == 4 else None
+    out = None
+    # The op takes rows-first q, k, v and a mask that broadcasts from the right: a per-row
+    # mask must then be [rows, ...] of rank 4 to line up (a shared one may be shorter).
+    if all(x.kind == RAGGED for x in ins[:3]) and (
+            mask is None or mask.shape.rank == 4 or
+            (ins[3].kind == SHARED and mask.shape.rank is not None and mask.shape.rank < 4)):
+        out = fused_attention_rows(q, k, v, mask, node)
+    if out is None:   # what the members' own ops do, with rows in place of their batch
+        out = attention_composite(q, k, v, mask, node.params["scale"],
                                   node.params["masked_value"])
-    return [ragged(out, sizes_of(q))]
+    return [ragged(out, sizes_of(like))]
 
 
 @ragged_rule(GELU, "Relu")
