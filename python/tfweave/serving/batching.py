@@ -260,7 +260,8 @@ class MergedBatchQueue(_Queue):
         # requests that arrive during a run then join the next run together, instead of
         # another batch thread starting a run of one or two beside it (both runs then share
         # the cores, and each computes only a sliver of the members). A session pinned to
-        # fewer intra-op threads than cores allows one run per share of the cores.
+        # fewer intra-op threads than cores (the server's default) allows one run per share
+        # of the cores, less the share left to the front end (LoadedModel.concurrent_runs).
         self.max_in_flight = max(1, max_in_flight)
         self._in_flight = 0
         self._full_members = 0   # members holding a full batch (kept as requests come and go)

@@ -66,7 +66,9 @@ class ModelServer:
         intra = options.intra_op_threads or default_intra_op_threads(batch_threads)
         backend = make_backend(options.backend, intra_op_threads=intra,
                                inter_op_threads=options.inter_op_threads)
+        # The scheduler gets the same thread count the intra-op default divided the cores by.
         self.manager = ModelManager(options.entries, backend, options.batching, self.metrics,
+                                    num_batch_threads=batch_threads,
                                     model_warmup=options.model_warmup)
         self.metrics.queue_depths = self.manager.scheduler.queue_depths
         self._grpc = None
