@@ -271,35 +271,29 @@ class MergedModel:
         return signature
 
     def _run_ragged(self, per_member: list[list[Task]], rows: list[int]):
+        """One ragged run over the busy members' rows (which agree beyond the batch axis)."""
         results: list[dict] = [{} for _ in per_member]
-        # Rows concatenate only if they agree beyond the batch axis (e.g. sequence length);
-        # members whose requests disagree with the others run in a second ragged run.
-        by_shape: dict[tuple, list[int]] = {}
-        for i, tasks in enumerate(per_member):
-            if tasks:
-                by_shape.setdefault(tasks[0].shape_key, []).append(i)
-        output_keys = self.ragged_signature.output_keys
-        for members in by_shape.values():
-            sizes = np.zeros(self.num_members, np.int32)
-            for i in members:
-                sizes[i] = rows[i]
-            feeds = {}
-            for name in self.member_inputs[0]:
-                parts = [t.inputs[name] for i in members for t in per_member[i]]
-                feeds[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            feeds[GROUP_SIZES] = sizes
-            outputs = self.model.run(RAGGED_SIGNATURE, feeds, output_keys)
-            total = int(sizes.sum())
-            for key, value in outputs.items():
-                if value.ndim == 0 or value.shape[0] != total:
-                    from tfweave.serving.status import internal
-                    raise internal(f"merged model {self.name}: ragged output {key} has shape "
-                                   f"{list(value.shape)}, expected {total} rows")
-            offset = 0
-            for i in members:
-                end = offset + rows[i]
-                results[i] = {k: v[offset:end] for k, v in outputs.items()}
-                offset = end
+        members = [i for i, tasks in enumerate(per_member) if tasks]
+        sizes = np.zeros(self.num_members, np.int32)
+        for i in members:
+            sizes[i] = rows[i]
+        feeds = {}
+        for name in self.member_inputs[0]:
+            parts = [t.inputs[name] for i in members for t in per_member[i]]
+            feeds[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        feeds[GROUP_SIZES] = sizes
+        outputs = self.model.run(RAGGED_SIGNATURE, feeds, self.ragged_signature.output_keys)
+        total = int(sizes.sum())
+        for key, value in outputs.items():
+            if value.ndim == 0 or value.shape[0] != total:
+                from tfweave.serving.status import internal
+                raise internal(f"merged model {self.name}: ragged output {key} has shape "
+                               f"{list(value.shape)}, expected {total} rows")
+        offset = 0
+        for i in members:
+            end = offset + rows[i]
+            results[i] = {k: v[offset:end] for k, v in outputs.items()}
+            offset = end
         return results
 
     def _run_stacked(self, per_member: list[list[Task]], rows: list[int]):
@@ -356,7 +350,27 @@ class MergedModel:
         return True
 
     def run_members(self, per_member: list[list[Task]]) -> list[dict[str, np.ndarray]]:
-        """Runs one merged batch; returns each member's outputs (its own rows first)."""
+        """Runs one merged batch; returns each member's outputs (its own rows first).
+
+        The merged graph stacks or concatenates the members' rows, so they share a run only
+        if they agree beyond the batch axis (sequence length, image size, ...): members whose
+        requests have another shape run in a run of their own, beside the others."""
+        groups: dict[tuple, list[int]] = {}
+        for i, tasks in enumerate(per_member):
+            if tasks:   # a member's batch holds one shape (MergedBatchQueue.take)
+                groups.setdefault(tasks[0].shape_key, []).append(i)
+        if len(groups) <= 1:
+            return self._run_group(per_member)
+        results: list[dict[str, np.ndarray]] = [{} for _ in per_member]
+        for members in groups.values():
+            chosen = set(members)
+            part = self._run_group([tasks if i in chosen else []
+                                    for i, tasks in enumerate(per_member)])
+            for i in members:
+                results[i] = part[i]
+        return results
+
+    def _run_group(self, per_member: list[list[Task]]) -> list[dict[str, np.ndarray]]:
         rows = [sum(t.rows for t in tasks) for tasks in per_member]
         if self.stacked:
             return self._run_stacked(per_member, rows)
