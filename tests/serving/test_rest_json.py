@@ -66,3 +66,49 @@ def test_bad_json_values_get_tf_servings_messages(doc, dtypes, words):
     with pytest.raises(ServingError, match=words) as caught:
         _parse(doc, dtypes)
     assert caught.value.code == "INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("body, dtypes, words", [
+    # a bool beside numbers: numpy would read it as 1 or 0; TF Serving refuses it
+    (b'{"instances": [[true, 2, 3]]}', {"x": FLOAT}, "true Type: True is not of expected type"),
+    (b'{"inputs": {"x": [[1, 2, 3]], "k": [false, 5]}}', {"x": FLOAT, "k": INT},
+     "false Type: False is not of expected type: int64"),
+    # an integer no double can hold, and one of more digits than Python converts
+    (b'{"inputs": [[1%s, 2]]}' % (b"0" * 400), {"x": FLOAT}, "Number too big"),
+    (b'{"inputs": [[1%s, 2]]}' % (b"0" * 5000), {"x": FLOAT}, "JSON Parse error: Exceeds"),
+    # lists deeper than a tensor can be, and a document deeper than the parser goes
+    (b'{"inputs": %s1%s}' % (b"[" * 70, b"]" * 70), {"x": FLOAT}, "70 deep"),
+    (b'{"inputs": %s1%s}' % (b"[" * 100000, b"]" * 100000), {"x": FLOAT}, "too deeply"),
+    # a lone UTF-16 surrogate is valid JSON but no UTF-8 string
+    (b'{"inputs": ["\\ud800"]}', {"x": STRING}, "surrogate"),
+])
+def test_json_that_python_reads_but_no_tensor_holds_is_refused_as_tf_serving_does(
+        body, dtypes, words):
+    with pytest.raises(ServingError, match=words) as caught:
+        parse_predict_body(body, lambda sig: dtypes)
+    assert caught.value.code == "INVALID_ARGUMENT"
+
+
+def test_bools_in_a_document_leave_the_numbers_beside_them_exact():
+    """The check that refuses bools takes the slow walk; numbers must come out the same."""
+    body = b'{"inputs": {"x": [[1, 2.5, 3]], "flag": [true]}}'
+    _, inputs, _ = parse_predict_body(body, lambda sig: {"x": FLOAT, "flag": types_pb2.DT_BOOL})
+    np.testing.assert_array_equal(inputs["x"], np.array([[1, 2.5, 3]], np.float32))
+    assert inputs["flag"].tolist() == [True]
+
+
+def test_an_unexpected_fault_is_answered_internal_not_with_a_dropped_connection():
+    from tfweave.serving.metrics import Metrics
+    from tfweave.serving.rest_api import RestApi
+
+    class Broken:
+        def input_dtypes(self, *args):
+            raise KeyError("a bug of ours")
+
+    metrics = Metrics()
+    api = RestApi(Broken(), metrics, max_request_bytes=1 << 20, timeout_s=5.0)
+    status, content_type, body = api.handle("POST", "/v1/models/m:predict",
+                                            lambda: b'{"instances": [[1.0]]}')
+    assert status == 500 and content_type == "application/json"
+    assert "KeyError" in json.loads(body)["error"]
+    assert 'status="INTERNAL"' in metrics.render()

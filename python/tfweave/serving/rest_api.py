@@ -85,6 +85,11 @@ class RestApi:
         except _ClientGone:
             code = "CANCELLED"
             raise
+        except Exception as error:   # a fault of ours: answer INTERNAL, never drop the connection
+            LOG.exception("REST %s %s failed", method, path)
+            code = "INTERNAL"
+            return 500, "application/json", rest_json.error_body(
+                f"internal error: {type(error).__name__}: {error}")
         finally:
             if model:
                 self.metrics.observe_request(model, api, "REST", code,

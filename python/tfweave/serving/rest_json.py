@@ -21,6 +21,10 @@ from tfweave.serving.status import invalid_argument
 from tfweave.serving.tensor_codec import dtype_name, numpy_dtype
 
 ROW, COLUMNAR = "row", "columnar"
+# numpy's limit on an array's dimensions, and the largest finite double (JSON ints beyond it
+# cannot become a float tensor)
+_MAX_RANK = 64
+_MAX_DOUBLE = int(np.finfo(np.float64).max)
 _FLOATS = (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_HALF)
 _INTS = (types_pb2.DT_INT8, types_pb2.DT_INT16, types_pb2.DT_INT32, types_pb2.DT_INT64,
          types_pb2.DT_UINT8, types_pb2.DT_UINT16, types_pb2.DT_UINT32, types_pb2.DT_UINT64)
@@ -87,6 +91,9 @@ def _check_leaf(value, enum: int):
     if enum in _FLOATS:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _type_error(value, enum)
+        if isinstance(value, int) and not -_MAX_DOUBLE <= value <= _MAX_DOUBLE:
+            raise invalid_argument(f"JSON Parse error: Number too big to be stored in double: "
+                                   f"{_json_text(value)[:40]}...")
         return value
     if enum in _INTS:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -102,7 +109,11 @@ def _check_leaf(value, enum: int):
     if enum == types_pb2.DT_STRING:
         if not isinstance(value, str):
             raise _type_error(value, enum)
-        return value.encode()
+        try:
+            return value.encode()
+        except UnicodeEncodeError:   # "\ud800": JSON lets a lone surrogate through, UTF-8 not
+            raise invalid_argument("JSON Parse error: The surrogate pair in string is invalid: "
+                                   f"{_json_text(value)}") from None
     raise invalid_argument(f"Conversion of JSON Value: {_json_text(value)} to type: "
                            f"{dtype_name(enum)} is not supported")
 
@@ -126,10 +137,13 @@ def _fill(value, level: int, shape: list[int], enum: int, out: list) -> None:
         _fill(item, level + 1, shape, enum, out)
 
 
-def json_to_array(value, enum: int) -> np.ndarray:
-    """A JSON value (scalar or nested lists) as an array of the signature's dtype."""
+def json_to_array(value, enum: int, *, fast: bool = True) -> np.ndarray:
+    """A JSON value (scalar or nested lists) as an array of the signature's dtype.
+
+    ``fast=False`` (the document holds a ``true`` or ``false``) skips numpy's parse, which
+    would read a bool beside numbers as 1 or 0 where TF Serving refuses it."""
     dtype = numpy_dtype(enum)
-    if enum != types_pb2.DT_STRING:
+    if fast and enum != types_pb2.DT_STRING:
         # Fast path: numpy parses a well-formed dense list in C; the checks below reproduce
         # the type rules the slow walk enforces, and anything odd takes the slow walk.
         try:
@@ -147,6 +161,9 @@ def json_to_array(value, enum: int) -> np.ndarray:
             if ok:
                 return inferred.astype(dtype, copy=False)
     shape = _dense_shape(value)
+    if len(shape) > _MAX_RANK:
+        raise invalid_argument(f"JSON value nests lists {len(shape)} deep; a tensor has at most "
+                               f"{_MAX_RANK} dimensions here")
     leaves: list = []
     _fill(value, 0, shape, enum, leaves)
     array = np.empty(len(leaves), dtype=dtype) if dtype is np.object_ else np.array(
@@ -171,9 +188,14 @@ def parse_predict_body(body: bytes,
     except UnicodeDecodeError as error:
         raise invalid_argument(f"JSON Parse error: Invalid encoding in string. ({error})") \
             from None
-    except ValueError as error:
-        raise invalid_argument(f"JSON Parse error: {error.msg} at offset: "
+    except RecursionError:
+        raise invalid_argument("JSON Parse error: the document nests arrays or objects too "
+                               "deeply") from None
+    except ValueError as error:   # JSONDecodeError, or an integer of over 4300 digits
+        raise invalid_argument(f"JSON Parse error: {getattr(error, 'msg', error)} at offset: "
                                f"{getattr(error, 'pos', 0)}") from None
+    # A bool beside numbers must meet the type checks (numpy would read it as 1 or 0).
+    fast = b"true" not in body and b"false" not in body
     if not isinstance(doc, dict):
         raise invalid_argument(f"JSON Value: {_json_text(doc)} Is not object")
     signature_name = doc.get("signature_name", "")
@@ -189,13 +211,14 @@ def parse_predict_body(body: bytes,
         raise invalid_argument(f"JSON Value: {_json_text(doc)} Not formatted correctly expecting "
                                "only one of 'inputs' or 'instances' keys to exist ")
     if has_instances:
-        return signature_name, _inputs_from_instances(doc["instances"], dtypes, doc), ROW
+        return signature_name, _inputs_from_instances(doc["instances"], dtypes, doc, fast), ROW
     if has_inputs:
-        return signature_name, _inputs_from_columns(doc["inputs"], dtypes), COLUMNAR
+        return signature_name, _inputs_from_columns(doc["inputs"], dtypes, fast), COLUMNAR
     raise invalid_argument("Missing 'inputs' or 'instances' key")
 
 
-def _inputs_from_instances(instances, dtypes: dict[str, int], doc) -> dict[str, np.ndarray]:
+def _inputs_from_instances(instances, dtypes: dict[str, int], doc,
+                           fast: bool) -> dict[str, np.ndarray]:
     if not isinstance(instances, list):
         raise invalid_argument(f"JSON Value: {_json_text(doc)} Excepting 'instances' to be an "
                                "list/array")
@@ -211,7 +234,7 @@ def _inputs_from_instances(instances, dtypes: dict[str, int], doc) -> dict[str, 
             if isinstance(item, dict) and not _is_b64(item):
                 raise invalid_argument(f"Expecting value/list but got object at item {i} of "
                                        "input list")
-        return {name: _stack_instances(instances, name, enum)}
+        return {name: _stack_instances(instances, name, enum, fast)}
     columns: dict[str, list] = {name: [] for name in dtypes}
     expected = set(dtypes)
     for i, item in enumerate(instances):
@@ -229,12 +252,12 @@ def _inputs_from_instances(instances, dtypes: dict[str, int], doc) -> dict[str, 
                 f"{_json_text(item)} keys must be equal to: {','.join(sorted(expected))}")
         for name in dtypes:
             columns[name].append(item[name])
-    return {name: _stack_instances(columns[name], name, dtypes[name]) for name in dtypes}
+    return {name: _stack_instances(columns[name], name, dtypes[name], fast) for name in dtypes}
 
 
-def _stack_instances(values: list, name: str, enum: int) -> np.ndarray:
+def _stack_instances(values: list, name: str, enum: int, fast: bool) -> np.ndarray:
     try:
-        return json_to_array(values, enum)
+        return json_to_array(values, enum, fast=fast)
     except Exception as error:
         # Name the offending example the way TF Serving does (first one that disagrees).
         first_shape = _dense_shape(values[0])
@@ -253,18 +276,18 @@ def _shape_text(shape: list[int]) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 
 
-def _inputs_from_columns(value, dtypes: dict[str, int]) -> dict[str, np.ndarray]:
+def _inputs_from_columns(value, dtypes: dict[str, int], fast: bool) -> dict[str, np.ndarray]:
     if not isinstance(value, dict) or _is_b64(value):
         if len(dtypes) > 1:
             raise invalid_argument("inputs is a plain value/list, but expecting an object as "
                                    "multiple input tensors required as per tensorinfo_map")
         (name, enum), = dtypes.items()
-        return {name: json_to_array(value, enum)}
+        return {name: json_to_array(value, enum, fast=fast)}
     arrays = {}
     for name, enum in dtypes.items():
         if name not in value:
             raise invalid_argument(f"Missing named input: {name} in 'inputs' object.")
-        arrays[name] = json_to_array(value[name], enum)
+        arrays[name] = json_to_array(value[name], enum, fast=fast)
     return arrays
 
 
