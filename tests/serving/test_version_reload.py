@@ -405,3 +405,40 @@ def test_a_grpc_front_switches_only_once_its_backend_serves_the_new_version(star
                           "--enable_batching", "--backend", f"grpc://{backend.grpc}",
                           "--file_system_poll_wait_seconds", "1"])
     merged_swap_under_load(front, base, names, weights, [], clients=4)
+
+
+def test_a_config_naming_a_model_not_there_yet_applies_once_its_directory_appears(
+        start_server, tmp_path):
+    """TF Serving re-applies its config file at every poll: a model whose base path appears
+    after the file named it is served from the next poll, without another edit. Its version
+    directory is zero-padded (``0001``), which TF Serving reads as version 1."""
+    from google.protobuf import text_format
+
+    weights = {"a": member_weights(61), "b": member_weights(62)}
+    os.makedirs(tmp_path / "a")
+    publish(lambda p: write_member(p, weights["a"]), str(tmp_path / "a"), 1)
+    path = tmp_path / "models.config"
+    path.write_text(text_format.MessageToString(
+        _model_config(("a", str(tmp_path / "a"), "tensorflow"))))
+    server = start_server(["--model_config_file", str(path),
+                           "--model_config_file_poll_wait_seconds", "1"])
+    path.write_text(text_format.MessageToString(_model_config(
+        ("a", str(tmp_path / "a"), "tensorflow"), ("b", str(tmp_path / "b"), "tensorflow"))))
+    wait_until(lambda: "was not applied" in server.log(), lambda: server.log()[-3000:])
+    assert requests.get(f"{server.rest}/v1/models/b", timeout=30).status_code == 404
+
+    staging = tmp_path / ".staging-b"
+    write_member(str(staging / "0001"), weights["b"])
+    os.rename(staging, tmp_path / "b")
+    wait_until(lambda: requests.get(f"{server.rest}/v1/models/b", timeout=30).status_code == 200,
+               lambda: server.log()[-3000:])
+    status = requests.get(f"{server.rest}/v1/models/b", timeout=30).json()
+    assert [v["version"] for v in status["model_version_status"]] == ["1"]
+    x = RNG.standard_normal((2, IN_DIM)).astype(np.float32)
+    for name in ("a", "b"):
+        answer = requests.post(f"{server.rest}/v1/models/{name}:predict",
+                               json={"instances": x.tolist()}, timeout=30).json()
+        np.testing.assert_allclose([p["logits"] for p in answer["predictions"]],
+                                   numpy_logits(weights[name], x), rtol=1e-4, atol=1e-5)
+    assert server.log().count("was not applied") == 1   # logged once, retried quietly
+    assert server.alive()

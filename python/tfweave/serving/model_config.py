@@ -199,6 +199,8 @@ def parse_batching_parameters(path: str | None) -> BatchingParameters:
 
 
 _VERSION_DIR = re.compile(r"^\d+$")
+# TF Serving takes a version as a signed 64-bit number (safe_strto64)
+_MAX_VERSION = 2**63 - 1
 
 
 def available_versions(base_path: str) -> list[int]:
@@ -207,12 +209,27 @@ def available_versions(base_path: str) -> list[int]:
         names = os.listdir(base_path)
     except OSError as error:
         raise ConfigError(f"model base path {base_path} cannot be listed: {error}") from error
-    versions = []
-    for name in names:
-        path = os.path.join(base_path, name)
-        if _VERSION_DIR.match(name) and os.path.isfile(os.path.join(path, "saved_model.pb")):
-            versions.append(int(name))
-    return sorted(versions)
+    return sorted({version for version, name in _version_names(names).items()
+                   if os.path.isfile(os.path.join(base_path, name, "saved_model.pb"))})
+
+
+def _version_names(names) -> dict[int, str]:
+    """version -> directory name. A name may have leading zeros (``0001`` is version 1, as TF
+    Serving reads it); where two names give one version, the plain one (``1``) wins."""
+    found: dict[int, str] = {}
+    for name in sorted(names, key=lambda n: (len(n), n)):   # "1" before "01" before "001"
+        if _VERSION_DIR.match(name) and int(name) <= _MAX_VERSION:
+            found.setdefault(int(name), name)
+    return found
+
+
+def version_path(base_path: str, version: int) -> str:
+    """The directory of ``version`` under ``base_path`` (``base/1``, or ``base/0001``)."""
+    try:
+        names = os.listdir(base_path)
+    except OSError:
+        names = []
+    return os.path.join(base_path, _version_names(names).get(version, str(version)))
 
 
 def versions_to_load(entry: ModelEntry) -> list[int]:
@@ -261,4 +278,4 @@ def read_netfuse_metadata(version_dir: str) -> dict | None:
 __all__ = ["BatchingParameters", "ConfigError", "ModelEntry", "ServingError", "VersionPolicy",
            "available_versions", "entries_from_config", "parse_batching_parameters",
            "parse_model_server_config",
-           "read_netfuse_metadata", "versions_to_load"]
+           "read_netfuse_metadata", "version_path", "versions_to_load"]

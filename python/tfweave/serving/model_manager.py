@@ -27,7 +27,8 @@ import numpy as np
 
 from tfweave.serving.batching import Retired, SharedBatchScheduler
 from tfweave.serving.model_config import (NETFUSE_PLATFORM, BatchingParameters, ConfigError,
-                                          ModelEntry, read_netfuse_metadata, versions_to_load)
+                                          ModelEntry, read_netfuse_metadata, version_path,
+                                          versions_to_load)
 from tfweave.serving.servables import (MemberServable, MergedModel, PlainServable, Servable,
                                        Signature)
 from tfweave.serving.status import invalid_argument, not_found
@@ -149,7 +150,7 @@ class ModelManager:
 
     def _servable(self, entry: ModelEntry, version: int,
                   entries: list[ModelEntry] | None = None) -> Servable:
-        path = os.path.join(entry.base_path, str(version))
+        path = version_path(entry.base_path, version)
         remote = self._remote_name(self.entries if entries is None else entries, entry)
         model = self._loaded_model(path, remote, version)
         if entry.platform != NETFUSE_PLATFORM:
@@ -253,7 +254,7 @@ class ModelManager:
         directory can appear first); always true in process. ``asked`` keeps the answers of
         this poll pass: a merged model's members share one remote model."""
         available = getattr(self.backend, "available", None)
-        if available is None or (os.path.realpath(os.path.join(entry.base_path, str(version))),
+        if available is None or (os.path.realpath(version_path(entry.base_path, version)),
                                  version) in self._loaded:
             return True
         key = (self._remote_name(self.entries, entry), version)
@@ -375,7 +376,7 @@ class ModelManager:
         versions = served.versions
         failed = {v: error for (base, v), (_, _, error) in self._failed.items()
                   if base == served.base_path and v not in versions
-                  and os.path.isdir(os.path.join(base, str(v)))}   # not if since deleted
+                  and os.path.isdir(version_path(base, v))}   # not if since deleted
         if version is not None:
             if version in versions:
                 return [(version, None)]

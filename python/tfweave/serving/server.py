@@ -4,13 +4,12 @@ stopped together; what ``tfweave serve`` runs and what the demo and benchmark em
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 
 from tfweave.serving.model_config import (NETFUSE_PLATFORM, BatchingParameters, ConfigError,
                                           ModelEntry, available_versions,
-                                          read_netfuse_metadata)
+                                          read_netfuse_metadata, version_path)
 
 LOG = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ def entries_for_base_path(name: str, base_path: str) -> list[ModelEntry]:
     entries = [ModelEntry(name=name, base_path=base_path)]
     versions = available_versions(base_path)
     if versions:
-        metadata = read_netfuse_metadata(os.path.join(base_path, str(versions[-1])))
+        metadata = read_netfuse_metadata(version_path(base_path, versions[-1]))
         if metadata is not None:
             for member in metadata["members"]:
                 if member["name"] == name:
@@ -123,20 +122,24 @@ class ModelServer:
             except OSError as error:
                 return f"unreadable: {error}"
 
-        last = [read()]   # what the server started with (it was parsed moments ago)
+        applied = [read()]   # what the server started with (it was parsed moments ago)
+        failed = [None]      # a changed text that did not apply: retried at every poll, as
+                             # TF Serving re-applies its file (a base path may appear later)
 
         def check():
             text = read()
-            if text == last[0]:
+            if text == applied[0]:
                 return
-            last[0] = text
             try:
                 self.manager.reload_config(parse_model_server_config(path))
-                LOG.info("%s changed: now serving %s", path, ", ".join(sorted(
-                    self.manager.models)))
             except ConfigError as error:
-                LOG.error("%s changed but was not applied (the old config keeps serving): %s",
-                          path, error)
+                if text != failed[0]:   # logged once per text, not once per poll
+                    LOG.error("%s changed but was not applied (the old config keeps serving; "
+                              "retried at every poll): %s", path, error)
+                failed[0] = text
+                return
+            applied[0], failed[0] = text, None
+            LOG.info("%s changed: now serving %s", path, ", ".join(sorted(self.manager.models)))
 
         return check
 
