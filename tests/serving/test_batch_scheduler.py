@@ -3,6 +3,7 @@ while a merged run is in flight wakes no batch thread, yet no request is ever le
 (held requests share the next run, full batches start at once, timeouts still fire)."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -90,6 +91,19 @@ def test_a_lone_merged_request_runs_when_its_batch_timeout_expires(scheduler):
     merged = _FakeMerged(3)
     queue = _merged_queue(scheduler, merged, timeout_s=0.05)
     assert queue.submit(_task(4.0, member=2)).result(10)["y"].tolist() == [[12.0, 12.0]]
+
+
+def test_a_batch_timeout_of_centuries_holds_partial_batches_yet_runs_full_ones(scheduler):
+    """batch_timeout_micros is any int64 in TF Serving; one beyond what a thread can wait
+    (threading.TIMEOUT_MAX) must not kill the batch threads and leave every request hanging."""
+    merged = _FakeMerged(2)
+    queue = _merged_queue(scheduler, merged, max_batch_size=2, timeout_s=1e16 / 1e6)
+    lone = queue.submit(_task(1.0, member=0))
+    time.sleep(0.2)   # both batch threads look at the partial batch and wait
+    assert not lone.done()
+    full = [queue.submit(_task(2.0, member=1)), queue.submit(_task(3.0, member=1))]
+    assert [f.result(10)["y"].tolist() for f in full] == [[[4.0, 4.0]], [[6.0, 6.0]]]
+    assert all(thread.is_alive() for thread in scheduler._threads)
 
 
 @pytest.mark.parametrize("timeout_s", [0.0, 0.002])

@@ -37,6 +37,8 @@ from tfweave.serving.status import (ServingError, internal, invalid_argument, qu
 
 LOG = logging.getLogger(__name__)
 
+_MAX_WAIT_S = 3600.0
+
 
 class Task:
     """One request waiting for a batch: its inputs, row count and the future it resolves."""
@@ -431,7 +433,9 @@ class SharedBatchScheduler:
                     found = self._next_batch()
                     if isinstance(found, tuple):
                         break
-                    self.cv.wait(timeout=found)
+                    # A timeout of years (batch_timeout_micros is any int64, as in TF Serving)
+                    # is past what Condition.wait takes: waking hourly to look again is the same.
+                    self.cv.wait(timeout=None if found is None else min(found, _MAX_WAIT_S))
                 # More work may remain (a timeout just expired for another queue): wake another
                 # batch thread only then, not after every batch (a wake-up that finds nothing
                 # costs a GIL round trip per batch).
