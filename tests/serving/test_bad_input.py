@@ -201,6 +201,43 @@ def test_unknown_rest_paths_answer_tf_servings_error_shape(server, http, assert_
     assert http.get(f"{server.rest}/not/v1").status_code == 404
 
 
+def test_gzip_bodies_are_uncompressed_as_tf_serving_does_within_the_size_limit(
+        server, http, reference, assert_serving):
+    import gzip
+
+    x = np.random.default_rng(3).standard_normal((2, IN_DIM)).astype(np.float32)
+    url = f"{server.rest}/v1/models/member1:predict"
+    body = gzip.compress(json.dumps({"instances": x.tolist()}).encode())
+    answer = http.post(url, data=body, headers={"Content-Encoding": "gzip"})
+    assert answer.status_code == 200, answer.text
+    np.testing.assert_allclose([p["logits"] for p in answer.json()["predictions"]],
+                               reference("member1", x)["logits"], rtol=1e-5, atol=1e-6)
+    assert "gzip" in _rest_error(http.post(url, data=b"not gzip at all",
+                                           headers={"Content-Encoding": "gzip"}), 400)
+    assert "ends early" in _rest_error(http.post(url, data=body[:-12],
+                                                 headers={"Content-Encoding": "gzip"}), 400)
+    # a small body that inflates past --max_request_bytes is refused like a big one
+    bomb = gzip.compress(b" " * (4 * MAX_REQUEST_BYTES))
+    assert len(bomb) < MAX_REQUEST_BYTES
+    assert "max_request_bytes" in _rest_error(
+        http.post(url, data=bomb, headers={"Content-Encoding": "gzip"}), 413)
+
+
+@pytest.mark.parametrize("header", [b"Content-Length: -1", b"Content-Length: -2",
+                                    b"Transfer-Encoding: chunked"])
+def test_negative_body_lengths_are_bad_requests_answered_at_once(server, header,
+                                                                 assert_serving):
+    """A negative length would read to the end of the stream, past every limit, and leave
+    the client waiting for an answer."""
+    body = b"-1\r\n" + b"x" * 64 if b"chunked" in header else b"{}"
+    with socket.create_connection(("127.0.0.1", server.rest_port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/models/member0:predict HTTP/1.1\r\nHost: x\r\n" + header
+                     + b"\r\n\r\n" + body)   # and the connection stays open
+        sock.settimeout(10)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+
+
 def _raw_http(server, data: bytes, *, read_answer: bool) -> bytes:
     with socket.create_connection(("127.0.0.1", server.rest_port), timeout=30) as sock:
         sock.sendall(data)
@@ -236,3 +273,51 @@ def test_clients_that_disconnect_mid_request_do_not_hurt_others(server, stub, as
     answer = _raw_http(server, head + str(len(body)).encode() + b"\r\n\r\n" + body,
                        read_answer=True)
     assert answer.startswith(b"HTTP/1.1 200")
+
+
+def test_idle_keep_alive_connections_make_way_while_busy_ones_hold_the_cap(
+        zoo, start_server, reference):
+    """--rest_api_num_threads caps the connections being served. A keep-alive client holds
+    its connection between requests; at the cap such an idle one is closed for a new client
+    (which TF Serving would also serve), and its own next request reconnects. Connections in
+    the middle of a request are never closed: beyond them a new one gets 503 at once."""
+    server = start_server(["--model_name", "merged", "--model_base_path", zoo["merged"],
+                           "--rest_api_num_threads", "2"])
+    x = np.random.default_rng(5).standard_normal((1, IN_DIM)).astype(np.float32)
+    url = f"{server.rest}/v1/models/member0:predict"
+    expected = reference("member0", x)["logits"]
+
+    def ask(session):
+        answer = session.post(url, json={"instances": x.tolist()}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        np.testing.assert_allclose(answer.json()["predictions"][0]["logits"], expected[0],
+                                   rtol=1e-5, atol=1e-6)
+
+    sessions = [requests.Session() for _ in range(4)]
+    try:
+        for session in sessions:   # each leaves an idle keep-alive connection behind
+            ask(session)
+        for session in sessions:   # and each comes back on it, or on a new one
+            ask(session)
+        # two clients stuck mid-request (headers sent, body not) hold both places
+        stuck = [socket.create_connection(("127.0.0.1", server.rest_port), timeout=30)
+                 for _ in range(2)]
+        for sock in stuck:
+            sock.sendall(b"POST /v1/models/member0:predict HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: 100\r\n\r\n{")
+        time.sleep(0.5)
+        refused = requests.post(url, json={"instances": x.tolist()}, timeout=30)
+        assert refused.status_code == 503 and "rest_api_num_threads" in refused.json()["error"]
+        for sock in stuck:
+            sock.close()
+        deadline = time.monotonic() + 30
+        while True:   # their threads notice the closed sockets and leave
+            answer = requests.post(url, json={"instances": x.tolist()}, timeout=30)
+            if answer.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert answer.status_code == 200, answer.text
+    finally:
+        for session in sessions:
+            session.close()
+    assert server.alive()

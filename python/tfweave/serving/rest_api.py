@@ -4,7 +4,8 @@ Paths and verbs follow TF Serving's ``http_rest_api_util.cc`` (same regular expr
 ``POST /v1/models/NAME[/versions/V|/labels/L]:predict`` and ``GET /v1/models/NAME[...]`` for
 status and ``.../metadata``. Errors are ``{"error": "..."}`` with TF Serving's HTTP status for
 the error's code. HTTP/1.1 keep-alive; one thread per open connection, capped by
-``--rest_api_num_threads`` (beyond the cap a connection gets 503 at once); bodies beyond
+``--rest_api_num_threads``: a new connection beyond the cap closes one that sits idle between
+requests (keep-alive), else it gets 503 at once; bodies beyond
 ``--max_request_bytes`` get 413 without being read.
 """
 
@@ -16,6 +17,7 @@ import re
 import socket
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
@@ -133,11 +135,40 @@ class RestApi:
         }, indent=1).encode()
 
 
+def _gunzip(body: bytes, limit: int) -> bytes:
+    """A ``Content-Encoding: gzip`` body, uncompressed as TF Serving's HTTP server does; the
+    size limit holds for what it uncompresses to."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as error:
+        raise invalid_argument(f"request body is not valid gzip data: {error}") from None
+    if len(data) > limit:
+        raise ServingError("RESOURCE_EXHAUSTED", "gzip request body uncompresses to more than "
+                           f"--max_request_bytes={limit}", http_status=413)
+    if not inflater.eof:
+        raise invalid_argument("request body is not valid gzip data: it ends early")
+    return data
+
+
 def _make_handler(api: RestApi, timeout_s: float):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "tfweave-serve"
         timeout = timeout_s
+
+        def handle_one_request(self):
+            # Idle until the next request's first byte: a connection waiting here may be
+            # closed to admit a new one when the server is at its connection cap.
+            self.server.set_idle(self.connection, True)
+            try:
+                waiting = self.rfile.peek(1)
+            except (OSError, ValueError):   # timed out, reset, or closed to admit another
+                waiting = b""
+            if not self.server.set_idle(self.connection, False) or not waiting:
+                self.close_connection = True
+                return
+            super().handle_one_request()
 
         def log_message(self, format, *args):  # noqa: A002 (BaseHTTPRequestHandler's name)
             LOG.debug("%s " + format, self.address_string(), *args)
@@ -155,6 +186,12 @@ def _make_handler(api: RestApi, timeout_s: float):
             self._serve("DELETE")
 
         def _read_body(self) -> bytes:
+            body = self._read_raw_body()
+            if "gzip" in self.headers.get("Content-Encoding", "").lower():
+                return _gunzip(body, api.max_request_bytes)
+            return body
+
+        def _read_raw_body(self) -> bytes:
             if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
                 return self._read_chunked()
             length_text = self.headers.get("Content-Length")
@@ -163,7 +200,9 @@ def _make_handler(api: RestApi, timeout_s: float):
             try:
                 length = int(length_text)
             except ValueError:
-                raise invalid_argument(f"bad Content-Length {length_text!r}") from None
+                length = -1
+            if length < 0:   # read(-1) would read to the end, past any limit
+                raise invalid_argument(f"bad Content-Length {length_text!r}")
             if length > api.max_request_bytes:
                 raise ServingError("RESOURCE_EXHAUSTED",
                                    f"request body of {length} bytes is larger than "
@@ -192,6 +231,8 @@ def _make_handler(api: RestApi, timeout_s: float):
                     if not line:
                         raise _ClientGone()
                     size = int(line.split(b";")[0].strip() or b"0", 16)
+                    if size < 0:
+                        raise ValueError(size)
                     if size == 0:
                         while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
                             pass
@@ -256,14 +297,37 @@ class RestServer(ThreadingHTTPServer):
     def __init__(self, address, handler, max_connections: int):
         self._active = 0
         self._active_lock = threading.Lock()
+        self._idle: set = set()   # sockets of connections waiting for their next request
         self.max_connections = max_connections
         super().__init__(address, handler)
 
+    def set_idle(self, connection, idle: bool) -> bool:
+        """Marks a connection idle or busy; False if it was closed to admit another."""
+        with self._active_lock:
+            if idle:
+                self._idle.add(connection)
+                return True
+            if connection in self._idle:
+                self._idle.discard(connection)
+                return True
+            return False
+
     def process_request(self, request, client_address):
+        evicted = None
         with self._active_lock:
             over = self._active >= self.max_connections
+            if over and self._idle:
+                # Keep-alive clients hold their connections between requests (TF Serving's
+                # libevent holds them without a thread): close an idle one instead of
+                # refusing a client with work to do. Its thread leaves on its own.
+                evicted, over = self._idle.pop(), False
             if not over:
                 self._active += 1
+        if evicted is not None:
+            try:
+                evicted.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         if over:
             body = rest_json.error_body("too many open REST connections "
                                         f"(--rest_api_num_threads={self.max_connections})")
@@ -283,6 +347,7 @@ class RestServer(ThreadingHTTPServer):
         finally:
             with self._active_lock:
                 self._active -= 1
+                self._idle.discard(request)
 
 
 class HttpServer:
