@@ -300,12 +300,15 @@ def test_idle_keep_alive_connections_make_way_while_busy_ones_hold_the_cap(
         for session in sessions:   # and each comes back on it, or on a new one
             ask(session)
         # two clients stuck mid-request (headers sent, body not) hold both places
-        stuck = [socket.create_connection(("127.0.0.1", server.rest_port), timeout=30)
-                 for _ in range(2)]
-        for sock in stuck:
+        # (one after the other: a connection that has sent nothing yet is idle, and the
+        # next one would close it)
+        stuck = []
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", server.rest_port), timeout=30)
             sock.sendall(b"POST /v1/models/member0:predict HTTP/1.1\r\nHost: x\r\n"
                          b"Content-Length: 100\r\n\r\n{")
-        time.sleep(0.5)
+            stuck.append(sock)
+            time.sleep(1.0)   # its thread starts and reads the request line
         refused = requests.post(url, json={"instances": x.tolist()}, timeout=30)
         assert refused.status_code == 503 and "rest_api_num_threads" in refused.json()["error"]
         for sock in stuck:
