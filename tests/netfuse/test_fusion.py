@@ -115,6 +115,38 @@ def test_only_the_exact_gelu_constant_is_fused_and_both_match_the_members(scale,
     np.testing.assert_allclose(got, own, atol=1e-5)
 
 
+def test_a_gelu_constant_that_differs_between_members_is_not_fused_and_matches_each(
+        rng, tmp_path):
+    import tensorflow as tf
+    members = [_gelu_like_module(0, float(np.sqrt(0.5))), _gelu_like_module(1, 0.8)]
+    paths = []
+    for index, member in enumerate(members):
+        paths.append(str(tmp_path / f"m{index}"))
+        tf.saved_model.save(member, paths[-1], signatures={"serving_default": member.serve})
+    merged = netfuse.merge(paths, mode="ragged")
+    rows = rng.normal(size=(5, 5)).astype("float32")
+    got = merged.run_ragged({"x": rows}, [2, 3])["y"]
+    own = np.concatenate([members[0].serve(rows[:2])["y"], members[1].serve(rows[2:])["y"]])
+    np.testing.assert_allclose(got, own, atol=1e-5)
+
+
+def _layer_norm_with_epsilon(seed, epsilon):
+    import keras
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8,), name="x")
+    h = keras.layers.LayerNormalization(epsilon=epsilon)(keras.layers.Dense(8)(inputs))
+    return keras.Model(inputs, keras.layers.Dense(3)(h))
+
+
+@pytest.mark.parametrize("mode", ["grouped", "ragged"])
+def test_layer_norm_epsilon_that_differs_between_members_is_each_members_own(mode, rng):
+    models = [_layer_norm_with_epsilon(0, 1e-6), _layer_norm_with_epsilon(1, 0.5)]
+    merged = netfuse.merge(models, mode=mode)
+    # small activations, so that an epsilon of 0.5 instead of 1e-6 changes the outputs
+    inputs = [{"x": 0.05 * rng.normal(size=(b, 8)).astype("float32")} for b in (2, 3)]
+    assert_members_match(models, merged.run(dict(enumerate(inputs))), inputs)
+
+
 def _normed(seed):
     """LayerNormalization over the last axis (fused) and over axis 1 (left to the composite)."""
     import keras

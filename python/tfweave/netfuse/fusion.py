@@ -36,10 +36,12 @@ PSEUDO_OPS = (GELU, LAYER_NORM, ATTENTION)
 
 class FusedNode:
     """Stands for the node that ends a recognised subgraph: same name and dtype attribute,
-    its own op type, inputs and parameters."""
+    its own op type, inputs and parameters. ``scalars``: the constant tensors the parameters
+    were read from (in the reference member only)."""
 
-    def __init__(self, op: str, node, inputs: list[tuple[str, int]], **params):
+    def __init__(self, op: str, node, inputs: list[tuple[str, int]], scalars=(), **params):
         self.op, self.name, self.inputs, self.params = op, node.name, inputs, params
+        self.scalars = [t for t in scalars if t is not None]
         self.attr = {"T": node.attr["T"]} if "T" in node.attr else {}
 
 
@@ -61,16 +63,18 @@ def _operands(nodes, node, op: str):
 
 
 def _split_constant(nodes, pair, value: float, tolerance: float = 1e-6):
-    """(the other operand) when one of ``pair`` is the float constant ``value``."""
+    """(the other operand, the constant) when one of ``pair`` is the float constant
+    ``value``; (None, None) otherwise."""
     for const, other in (pair, pair[::-1]):
         found = _scalar(nodes, const)
         if found is not None and abs(found - value) <= tolerance:
-            return other
-    return None
+            return other, const
+    return None, None
 
 
 def _exact_gelu_input(nodes, node):
-    """x when ``node`` is the last node of ``tf.nn.gelu(x, approximate=False)``, else None."""
+    """(x, its two constants) when ``node`` is the last node of
+    ``tf.nn.gelu(x, approximate=False)``, else None."""
     outer = _operands(nodes, node, "Mul")
     if outer is None:
         return None
@@ -82,12 +86,12 @@ def _exact_gelu_input(nodes, node):
         scaled = _operands(nodes, nodes[resolve(nodes, data_inputs(erfc)[0])[0]], "Mul")
         if halves is None or scaled is None:
             continue
-        x = _split_constant(nodes, halves, 0.5)
-        neg_t = _split_constant(nodes, scaled, float(np.sqrt(0.5)))
+        x, half_const = _split_constant(nodes, halves, 0.5)
+        neg_t, root_const = _split_constant(nodes, scaled, float(np.sqrt(0.5)))
         if x is None or neg_t is None or nodes[neg_t[0]].op != "Neg":
             continue
         if resolve(nodes, data_inputs(nodes[neg_t[0]])[0]) == x:
-            return x
+            return x, [half_const, root_const]
     return None
 
 
@@ -114,7 +118,7 @@ def _either(pair):
 
 
 def _normalizer(nodes, inv_t):
-    """(x, mean, gamma, epsilon, axes) when ``inv_t`` is ``rsqrt(variance + epsilon) * gamma``
+    """(x, mean, gamma, epsilon tensor, axes) when ``inv_t`` is ``rsqrt(variance + epsilon) * gamma``
     with ``variance = mean((x - stop_gradient(mean))^2)`` and ``mean = mean(x)``, both over
     the same axes with keep_dims; else None."""
     for rsqrt_t, gamma in _either(_operands(nodes, nodes[inv_t[0]], "Mul")):
@@ -132,7 +136,7 @@ def _normalizer(nodes, inv_t):
                 mean_t = resolve(nodes, data_inputs(held)[0]) if held else None
                 mean = _kept_mean(nodes, mean_t) if mean_t else None
                 if mean is not None and mean[0] == x and mean[1] == variance[1]:
-                    return x, mean_t, gamma, epsilon, mean[1]
+                    return x, mean_t, gamma, eps_t, mean[1]
     return None
 
 
@@ -148,7 +152,7 @@ def _shift(nodes, shifted_t, inv_t, mean_t):
 
 
 def _layer_norm_parts(nodes, node):
-    """(x, gamma, beta, epsilon, axes) when ``node`` ends Keras's LayerNormalization,
+    """(x, gamma, beta, epsilon tensor, axes) when ``node`` ends Keras's LayerNormalization,
     ``x * inv + (-mean * inv + beta)`` (see _normalizer for inv); else None."""
     for scaled_t, shifted_t in _either(_operands(nodes, node, "AddV2")):
         for x, inv_t in _either(_operands(nodes, nodes[scaled_t[0]], "Mul")):
@@ -202,8 +206,9 @@ def _true_fill_of(nodes, tensor, like) -> bool:
 
 
 def _attention_parts(nodes, node):
-    """(query, key, value, mask or None, scale, masked_value) when ``node`` is the second
-    Einsum of Keras's scaled dot-product attention (see the module docstring); else None."""
+    """(query, key, value, mask or None, scale, masked_value, their constant tensors) when
+    ``node`` is the second Einsum of Keras's scaled dot-product attention (see the module
+    docstring); else None."""
     second = _equation(node)
     if second is None or _roles(*second, "BNTS,BSNH->BTNH") is None:
         return None
@@ -212,13 +217,14 @@ def _attention_parts(nodes, node):
     if softmax is None:
         return None
     scores_t = resolve(nodes, data_inputs(softmax)[0])
-    mask, masked_value = None, -1e9
+    mask, masked_value, scalars = None, -1e9, []
     select = _producer(nodes, scores_t, "SelectV2")
     if select is not None:
         condition, scores_t, else_t = [resolve(nodes, t) for t in data_inputs(select)]
         masked_value = _scalar(nodes, else_t)
         if masked_value is None:
             return None
+        scalars.append(else_t)
         mask = condition
         pair = _operands(nodes, nodes[condition[0]], "LogicalAnd")
         for ones, other in _either(pair):
@@ -230,6 +236,7 @@ def _attention_parts(nodes, node):
         found = _scalar(nodes, scale_t)
         if found is not None:
             scale, scores_t = found, product_t
+            scalars.append(scale_t)
             break
     first = _producer(nodes, scores_t, "Einsum")
     if first is None:
@@ -238,7 +245,7 @@ def _attention_parts(nodes, node):
     if parsed is None or _roles(*parsed, "BTNH,BSNH->BNTS") is None:
         return None
     query, key = [resolve(nodes, t) for t in data_inputs(first)]
-    return query, key, value, mask, scale, masked_value
+    return query, key, value, mask, scale, masked_value, scalars
 
 
 def find_fusions(nodes: dict) -> dict[str, FusedNode]:
@@ -246,20 +253,21 @@ def find_fusions(nodes: dict) -> dict[str, FusedNode]:
     fused = {}
     for node in nodes.values():
         if node.op == "Mul":
-            x = _exact_gelu_input(nodes, node)
-            if x is not None:
-                fused[node.name] = FusedNode(GELU, node, [x])
+            parts = _exact_gelu_input(nodes, node)
+            if parts is not None:
+                x, scalars = parts
+                fused[node.name] = FusedNode(GELU, node, [x], scalars)
         elif node.op == "AddV2":
             parts = _layer_norm_parts(nodes, node)
             if parts is not None:
-                x, gamma, beta, epsilon, axes = parts
-                fused[node.name] = FusedNode(LAYER_NORM, node, [x, gamma, beta],
-                                             epsilon=epsilon, axes=axes)
+                x, gamma, beta, eps_t, axes = parts
+                fused[node.name] = FusedNode(LAYER_NORM, node, [x, gamma, beta], [eps_t],
+                                             epsilon=_scalar(nodes, eps_t), axes=axes)
         elif node.op == "Einsum":
             parts = _attention_parts(nodes, node)
             if parts is not None:
-                query, key, value, mask, scale, masked_value = parts
+                query, key, value, mask, scale, masked_value, scalars = parts
                 inputs = [query, key, value] + ([mask] if mask is not None else [])
-                fused[node.name] = FusedNode(ATTENTION, node, inputs, scale=scale,
+                fused[node.name] = FusedNode(ATTENTION, node, inputs, scalars, scale=scale,
                                              masked_value=masked_value)
     return fused

@@ -1342,6 +1342,17 @@ def _one_hot(lx, node, ins):
     return [Value(STACKED, out[0])]
 
 
+def offset_ids(ids, offsets, vocab: int, num_models: int):
+    """Member ids into one table of ``num_models * vocab`` rows: ``ids + offsets`` (each
+    member's block offset, broadcasting to ``ids``)."""
+    import tensorflow as tf
+    # An id outside [0, V) would land in a neighbour's block and silently read its
+    # embedding; send it past the whole table instead, so Gather fails as the member would.
+    in_vocab = tf.logical_and(ids >= 0, ids < tf.cast(vocab, ids.dtype))
+    past_table = tf.fill(tf.shape(ids), tf.cast(num_models * vocab, ids.dtype))
+    return tf.where(in_vocab, ids + offsets, past_table)
+
+
 @rule("GatherV2", "Gather")
 def _gather(lx, node, ins):
     import tensorflow as tf
@@ -1368,12 +1379,8 @@ def _gather(lx, node, ins):
         ids = lx.stacked(indices)
         offsets = tf.reshape(tf.range(lx.n, dtype=ids.dtype) * tf.cast(vocab, ids.dtype),
                              [lx.n] + [1] * i_rank)
-        # An id outside [0, V) would land in a neighbour's block and silently read its
-        # embedding; send it past the whole table instead, so Gather fails as the member would.
-        in_vocab = tf.logical_and(ids >= 0, ids < tf.cast(vocab, ids.dtype))
-        past_table = tf.fill(tf.shape(ids), tf.cast(lx.n * vocab, ids.dtype))
         out = tf.raw_ops.GatherV2(params=table,
-                                  indices=tf.where(in_vocab, ids + offsets, past_table),
+                                  indices=offset_ids(ids, offsets, vocab, lx.n),
                                   axis=tf.constant(0, tf.int32), batch_dims=0)
         return [Value(STACKED, out)]
     if params.kind == SHARED and axis_value == 0 and batch_dims == 0:
@@ -1407,8 +1414,11 @@ class LiftPlan:
         self.weights = weights
         self.constants = constants
         # The stock mode lifts node by node (its merged graph keeps the members' own ops);
-        # the grouped and ragged modes lift recognised subgraphs as one op each.
-        self.fused = find_fusions(reference.node_map())
+        # the grouped and ragged modes lift recognised subgraphs as one op each. A fused op
+        # takes its scalars (epsilon, scale) from the reference member: where the members'
+        # differ, the subgraph lifts node by node instead, each member with its own.
+        self.fused = {name: fused for name, fused in find_fusions(reference.node_map()).items()
+                      if not any(t in weights.per_model for t in fused.scalars)}
         self.order = _topological(reference, reachable, constants, {})
         self.fused_order = _topological(reference, reachable, constants, self.fused)
 

@@ -17,8 +17,9 @@ import numpy as np
 
 from tfweave.netfuse.errors import UnsupportedOpError
 from tfweave.netfuse.fusion import ATTENTION, GELU, LAYER_NORM, PSEUDO_OPS
-from tfweave.netfuse.lifting import (MODEL_CONST, SHARED, Value, _static,
-                                     _static_int, attr_value, product_suffix)
+from tfweave.netfuse.lifting import (MODEL_CONST, SHARED, Value, _grouped_candidate,
+                                     _static, _static_int, attr_value, offset_ids,
+                                     product_suffix)
 
 RAGGED = "ragged"
 RAGGED_RULES: dict = {}
@@ -288,6 +289,8 @@ def _matmul(lx, node, ins):
         return _same_rows(lx, node, ins)
     if b.kind != MODEL_CONST:
         raise UnsupportedOpError(node.op, node.name, "weights computed from inputs (ragged)")
+    if not _grouped_candidate(lx, a, b):  # GroupedMatMul is float32 only
+        return _split_per_member(lx, node, ins)
     return _matmul_rows(lx, node, a, b, node.attr["transpose_b"].b)
 
 
@@ -297,6 +300,8 @@ def _batch_matmul(lx, node, ins):
     adj_x = node.attr["adj_x"].b if "adj_x" in node.attr else False
     adj_y = node.attr["adj_y"].b if "adj_y" in node.attr else False
     if a.kind == RAGGED and b.kind == MODEL_CONST and len(lx.shape(b)) == 2 and not adj_x:
+        if not _grouped_candidate(lx, a, b):
+            return _split_per_member(lx, node, ins)
         return _matmul_rows(lx, node, a, b, adj_y)
     like = _first_ragged(ins)
     rank = max(len(lx.shape(v)) for v in ins)
@@ -324,6 +329,8 @@ def _einsum(lx, node, ins):
             matmul_like = (tx == "".join(free_x + contracted)
                            and tw == "".join(contracted + free_w)
                            and out == "".join(free_x + free_w) and contracted)
+            if matmul_like and not _grouped_candidate(lx, x, w):
+                return _split_per_member(lx, node, ins)
             if matmul_like:
                 return _einsum_as_grouped_matmul(lx, node, x, w, len(contracted))
     new_terms, args = [], []
@@ -369,8 +376,8 @@ def _einsum_as_grouped_matmul(lx, node, x, w, contracted: int):
 
 
 def _split_per_member(lx, node, ins):
-    """Ops with per-model weights and no batched form (convolutions): one op per member on its
-    rows, results concatenated back."""
+    """Ops with per-model weights and no batched form (convolutions, projections by weights
+    GroupedMatMul does not take): one op per member on its rows, results concatenated back."""
     import tensorflow as tf
     like = _first_ragged(ins)
     n = lx.n
@@ -629,7 +636,7 @@ def _gather(lx, node, ins):
         offsets = _segment_ids(lx, sizes_of(indices)) * vocab
         offsets = tf.reshape(tf.cast(offsets, ids.dtype),
                              tf.concat([[-1], tf.ones([tf.rank(ids) - 1], tf.int32)], 0))
-        out = tf.raw_ops.GatherV2(params=table, indices=ids + offsets,
+        out = tf.raw_ops.GatherV2(params=table, indices=offset_ids(ids, offsets, vocab, lx.n),
                                   axis=tf.constant(0, tf.int32), batch_dims=0)
         return [ragged(out, sizes_of(indices))]
     if params.kind == SHARED and indices.kind == RAGGED and axis == 0 and batch_dims == 0:
