@@ -76,3 +76,44 @@ def test_warmup_requests_are_written_by_default_and_not_with_no_warmup(tmp_path)
     assert ragged["group_sizes"].tolist() == [1, 1]     # one row per member
     assert ragged["features"].shape == (2, 5)
     assert not os.path.exists(os.path.join(cold, WARMUP_FILE))
+
+
+def test_overwrite_refuses_an_output_that_is_or_holds_or_sits_in_an_input_model(tmp_path, capsys):
+    import pytest
+    models = [arch.mlp(s, features=3, hidden=(), classes=2) for s in range(2)]
+    paths = _export(models, tmp_path / "models")
+    before = sorted(os.listdir(tmp_path / "models"))
+    assert cli.main(["merge", *paths, "-o", str(tmp_path / "models"), "--overwrite",
+                     "--quiet"]) == 1
+    assert "contains the folder of input model" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "models")) == before
+    for output, how in ((paths[0], "is the folder"), (os.path.join(paths[1], "m"), "is inside")):
+        with pytest.raises(netfuse.MergeError, match=how):
+            netfuse.merge(paths, output, overwrite=True)
+    assert all(os.path.exists(os.path.join(p, "saved_model.pb")) for p in paths)
+
+
+def test_an_output_path_through_a_file_is_refused_before_the_merge_without_a_traceback(
+        tmp_path, capsys):
+    import pytest
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    missing = str(tmp_path / "no_such_model")  # refused first: the output is checked first
+    for output, overwrite in ((notes, True), (notes / "1", False)):
+        with pytest.raises(netfuse.MergeError, match="is a file, not a folder"):
+            netfuse.merge([missing], str(output), overwrite=overwrite)
+    assert cli.main(["merge", missing, "-o", str(notes), "--overwrite", "--quiet"]) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert notes.read_text() == "keep me"
+
+
+def test_merged_saved_model_folder_follows_the_umask(tmp_path):
+    import stat
+    models = [arch.mlp(s, features=3, hidden=(), classes=2) for s in range(2)]
+    old = os.umask(0o022)
+    try:
+        netfuse.merge(models, str(tmp_path / "merged" / "1"), warmup=False)
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(os.stat(tmp_path / "merged" / "1").st_mode)
+    assert mode == 0o755, oct(mode)  # readable by a server running as another user

@@ -198,3 +198,49 @@ def test_batched_conv_strategy_matches_members(build, rng):
     merged = netfuse.merge(models, conv_strategy="batched")
     inputs = [_image(rng, b, 12) for b in (1, 3, 2)]
     assert_members_match(models, merged.run({i: inputs[i] for i in range(3)}), inputs)
+
+
+def _fixed_batch_member(seed, flatten=False):
+    import keras
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((3, 2), name="features", batch_size=4)
+    h = keras.layers.Flatten()(x) if flatten else x
+    return keras.Model(x, keras.layers.Dense(3)(h))
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["dense", "flatten"])
+def test_fixed_batch_members_get_their_own_rows_or_a_clear_error_never_anothers(flatten, rng):
+    import tensorflow as tf
+    models = [_fixed_batch_member(seed, flatten) for seed in range(2)]
+    merged = netfuse.merge(models)
+
+    def feed(batch):
+        return {"features": rng.normal(size=(batch, 3, 2)).astype("float32")}
+
+    inputs = [feed(4), feed(4)]
+    assert_members_match(models, merged.run(dict(enumerate(inputs))), inputs)
+    # a member left out gets an empty batch, which the fixed size must not refuse
+    assert_members_match(models, merged.run({1: inputs[1]}), inputs)
+    with pytest.raises(netfuse.MergeError, match="'features' has a fixed batch size of 4"):
+        merged.run({0: feed(2), 1: feed(6)})
+    # the graph itself (what TF Serving runs) refuses too, instead of padding 2 rows with 2 of
+    # member 1's
+    prefixed = {"m0_features": tf.constant(feed(2)["features"]),
+                "m1_features": tf.constant(feed(6)["features"])}
+    with pytest.raises(tf.errors.InvalidArgumentError, match="fixed batch size of 4"):
+        merged.signatures["prefixed"](prefixed)
+
+
+@pytest.mark.parametrize("mode", ["stock", "grouped", "ragged"])
+def test_bfloat16_weights_are_floating_point_weights_and_the_merge_matches(mode, rng):
+    import keras
+
+    def member(seed):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((5,), name="features", dtype="bfloat16")
+        return keras.Model(x, keras.layers.Dense(3, dtype="bfloat16")(x))
+
+    models = [member(seed) for seed in range(2)]
+    merged = netfuse.merge(models, mode=mode)
+    inputs = [{"features": rng.normal(size=(b, 5)).astype("float32")} for b in (2, 3)]
+    assert_members_match(models, merged.run(dict(enumerate(inputs))), inputs)

@@ -61,3 +61,58 @@ def test_ragged_saved_model_round_trips_through_load_merged(tmp_path, rng):
     inputs = {2: {"features": rng.normal(size=(4, 5)).astype("float32")}}
     results = loaded.run(inputs)
     assert_members_match(models, results, [None, None, inputs[2]])
+
+
+def _embedding_member(seed):
+    import keras
+    keras.utils.set_random_seed(seed)
+    ids = keras.Input((3,), name="ids", dtype="int32")
+    return keras.Model(ids, keras.layers.Embedding(10, 4)(ids))
+
+
+def test_ragged_out_of_vocabulary_id_fails_as_in_the_member_instead_of_reading_a_neighbours_table():
+    import tensorflow as tf
+    models = [_embedding_member(seed) for seed in range(2)]
+    merged = netfuse.merge(models, mode="ragged")
+    good = {"ids": np.array([[1, 2, 3]], "int32")}
+    past_vocab = {"ids": np.array([[10, 1, 2]], "int32")}  # member 1's id 0 in the merged table
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        models[0](past_vocab["ids"])
+    for member in range(2):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="not in"):
+            merged.run({member: past_vocab, 1 - member: good})
+    # Keras wraps a negative id before its Gather: the merge must do what the member does
+    wrapped = [{"ids": np.array([[-1, 1, 2]], "int32")}, good]
+    assert_members_match(models, merged.run(dict(enumerate(wrapped))), wrapped)
+
+
+def test_ragged_mode_refuses_a_fixed_batch_dimension_naming_the_input():
+    import keras
+
+    def member(seed):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((3, 2), name="features", batch_size=4)
+        return keras.Model(x, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
+
+    with pytest.raises(netfuse.MergeError, match="'features' has a fixed batch size of 4"):
+        netfuse.merge([member(0), member(1)], mode="ragged")
+
+
+@pytest.mark.parametrize("layer", ["dense", "einsum"])
+def test_ragged_float64_projections_run_as_stock_ops_per_member_and_match(layer, rng):
+    import keras
+
+    def member(seed):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((4, 5), name="features", dtype="float64")
+        if layer == "dense":
+            h = keras.layers.Dense(3, dtype="float64")(x)
+        else:
+            h = keras.layers.EinsumDense("btk,km->btm", (4, 3), dtype="float64")(x)
+        return keras.Model(x, h)
+
+    models = [member(seed) for seed in range(2)]
+    merged = netfuse.merge(models, mode="ragged")
+    assert "GroupedMatMul" not in _graph_ops(merged.functions["ragged"])
+    inputs = [{"features": rng.normal(size=(b, 4, 5))} for b in (2, 3)]
+    assert_members_match(models, merged.run(dict(enumerate(inputs))), inputs)

@@ -170,3 +170,32 @@ def test_merge_accepts_tf_keras_saved_models_with_fused_batch_norm(tmp_path, rng
         (key,) = results[i]
         np.testing.assert_allclose(results[i][key], model(images[i], training=False).numpy(),
                                    atol=1e-4)
+
+
+def _named_mlp(seed, name):
+    import keras
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((4,), name="features")
+    return keras.Model(x, keras.layers.Dense(2)(x), name=name)
+
+
+def test_default_member_names_are_made_unique_without_taking_another_members_name(rng):
+    models = [_named_mlp(seed, name) for seed, name in enumerate(["a", "a", "a_1"])]
+    merged = netfuse.merge(models)
+    assert len(set(merged.members)) == 3
+    assert merged.members[0] == "a" and merged.members[2] == "a_1"
+    inputs = [{"features": rng.normal(size=(2, 4)).astype("float32")} for _ in models]
+    results = merged.run(dict(zip(merged.members, inputs)))
+    assert_members_match(models, {i: results[name] for i, name in enumerate(merged.members)},
+                         inputs)
+
+
+def test_merge_refuses_duplicate_explicit_member_names():
+    models = [_named_mlp(seed, f"m{seed}") for seed in range(2)]
+    with pytest.raises(netfuse.MergeError, match="'x' given more than once"):
+        netfuse.merge(models, names=["x", "x"])
+
+
+def test_merge_given_one_path_instead_of_a_list_asks_for_a_list(tmp_path):
+    with pytest.raises(netfuse.MergeError, match=r"list of models, not one path.*\['"):
+        netfuse.merge(str(tmp_path / "ft_a"))

@@ -81,7 +81,7 @@ def main(args) -> int:
                        use_channels=not args.no_channel_layout,
                        conv_strategy=args.conv_strategy, overwrite=args.overwrite,
                        warmup=not args.no_warmup, progress=_Progress(args.quiet))
-    except MergeError as error:
+    except (MergeError, OSError) as error:  # a user's error: no traceback
         print(f"tfweave merge: {error}", file=sys.stderr)
         return 1
     if sys.stderr.isatty() and not args.quiet:

@@ -15,7 +15,7 @@ import logging
 
 import numpy as np
 
-from tfweave.netfuse.errors import NotIsomorphicError
+from tfweave.netfuse.errors import NotIsomorphicError, UnsupportedOpError
 from tfweave.netfuse.isomorphism import data_inputs, resolve, tensor_of
 
 LOG = logging.getLogger("tfweave.netfuse")
@@ -41,6 +41,23 @@ def reachable_nodes(member) -> list[str]:
         for tensor in data_inputs(nodes[name]):
             stack.append(resolve(nodes, tensor)[0])
     return sorted(seen)
+
+
+# The ops of a while loop (TensorFlow's lowered control flow): an RNN layer's time loop
+LOOP_OPS = {"Enter", "RefEnter", "Exit", "RefExit", "NextIteration", "RefNextIteration",
+            "LoopCond"}
+
+
+def require_no_loops(member, reachable) -> None:
+    """Refuses a graph with a while loop: no rule lifts one (a merged graph has no loops), and
+    the analysis below assumes an acyclic graph."""
+    nodes = member.node_map()
+    for name in reachable:
+        if nodes[name].op in LOOP_OPS:
+            raise UnsupportedOpError(
+                nodes[name].op, name, f"it is part of a while loop in {member.name} (an RNN "
+                "layer such as LSTM, GRU or SimpleRNN, or tf.while_loop); NetFuse does not "
+                "merge while loops")
 
 
 def constant_nodes(member, reachable) -> set[str]:
@@ -145,6 +162,17 @@ class WeightTable:
         self.per_model: dict[tuple[str, int], np.ndarray] = {}
 
 
+def _is_float_weight(dtype) -> bool:
+    """Floating-point or complex, bfloat16 included (an ml_dtypes type numpy does not count
+    as floating)."""
+    import tensorflow as tf
+    try:
+        tf_dtype = tf.as_dtype(dtype)
+    except TypeError:
+        return False
+    return tf_dtype.is_floating or tf_dtype.is_complex
+
+
 def collect_weights(members, twin_maps, frontier, progress=None) -> WeightTable:
     """Evaluates the frontier in every member and splits it into shared and per-model values.
 
@@ -184,8 +212,7 @@ def collect_weights(members, twin_maps, frontier, progress=None) -> WeightTable:
         if not differs[position]:
             table.shared[tensor] = value
             continue
-        if not (np.issubdtype(value.dtype, np.floating) or
-                np.issubdtype(value.dtype, np.complexfloating)):
+        if not _is_float_weight(value.dtype):
             problems.append(
                 f"constant '{tensor[0]}' ({value.dtype}{list(value.shape)}) differs between the "
                 f"members; only floating-point weights may differ (this one shapes the graph)")

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+import uuid
 from typing import Callable, Iterable
 
 import numpy as np
@@ -36,6 +36,16 @@ MODES = ("stock", "ragged", "grouped")
 
 def prefixed_name(index: int, name: str) -> str:
     return f"m{index}_{name}"
+
+
+def fixed_batch(shape) -> int | None:
+    """The batch size an input's shape fixes (``keras.Input(batch_size=...)``), or None."""
+    return shape[0] if shape and shape[0] is not None else None
+
+
+def _fixed_batch_message(name: str, fixed: int) -> str:
+    return (f"input '{name}' has a fixed batch size of {fixed} (the members were exported "
+            f"with it): send {fixed} rows, or none to leave the member out")
 
 
 class MergedModel:
@@ -93,6 +103,11 @@ class MergedModel:
                                  f" (expects {sorted(self.input_specs)})")
             for name, spec in self.input_specs.items():
                 array = np.asarray(given[name], dtype=spec["dtype"])
+                fixed = fixed_batch(spec["shape"])
+                if fixed is not None and array.ndim and array.shape[0] not in (0, fixed):
+                    raise MergeError(f"member {self.members[index]}: "
+                                     f"{_fixed_batch_message(name, fixed)}, not "
+                                     f"{array.shape[0]}")
                 feeds[prefixed_name(index, name)] = array
                 template.setdefault(name, array)
         for index in range(self.num_members):
@@ -155,9 +170,36 @@ def _input_specs(reference, num_members: int, stacked: bool):
         return specs
     for index in range(num_members):
         for info in reference.inputs:
-            specs.append(tf.TensorSpec(info.shape, tf.as_dtype(info.dtype),
+            shape = info.shape
+            if fixed_batch(shape) is not None:
+                # open, so that a member left out can send an empty batch; the body checks
+                # that the others send the fixed size (see _checked_batches)
+                shape = [None] + shape[1:]
+            specs.append(tf.TensorSpec(shape, tf.as_dtype(info.dtype),
                                        name=prefixed_name(index, info.name)))
     return specs
+
+
+def _checked_batches(per_member, input_names, input_shapes):
+    """The members' input tensors, those with a fixed batch size checked at run time to have
+    it or none: padding a smaller batch to the fixed size would mix in another member's rows."""
+    import tensorflow as tf
+    checked = []
+    for index, member in enumerate(per_member):
+        tensors = []
+        for name, tensor in zip(input_names, member):
+            fixed = fixed_batch(input_shapes[name])
+            if fixed is not None:
+                rows = tf.shape(tensor)[0]
+                check = tf.debugging.Assert(
+                    tf.logical_or(tf.equal(rows, 0), tf.equal(rows, fixed)),
+                    [_fixed_batch_message(prefixed_name(index, name), fixed) + "; rows sent:",
+                     rows])
+                with tf.control_dependencies([check]):
+                    tensor = tf.identity(tensor)
+            tensors.append(tensor)
+        checked.append(tensors)
+    return checked
 
 
 def build_signature_functions(plan, lifter_factory, num_members: int):
@@ -184,7 +226,8 @@ def build_signature_functions(plan, lifter_factory, num_members: int):
         # pad/slice ops cost more than the model itself at N=32, batch 1).
         lifter = lifter_factory()
         k = len(input_names)
-        per_member = [tensors[i * k:(i + 1) * k] for i in range(num_members)]
+        per_member = _checked_batches([tensors[i * k:(i + 1) * k] for i in range(num_members)],
+                                      input_names, input_shapes)
         if num_members == 1:
             values = {name: Value(MEMBERS, members=[t])
                       for name, t in zip(input_names, per_member[0])}
@@ -193,7 +236,9 @@ def build_signature_functions(plan, lifter_factory, num_members: int):
                                                         name=prefixed_name(0, name))
                     for name in output_names}
         sizes = tf.stack(tf.shape_n([member[0] for member in per_member]))[:, 0]
-        biggest = tf.reduce_max(sizes)
+        # a fixed batch is the members' only size (or none): the graph may depend on it
+        fixed_rows = fixed_batch(input_shapes[input_names[0]])
+        biggest = fixed_rows or tf.reduce_max(sizes)
         total = tf.reduce_sum(sizes)
         offsets = tf.cumsum(sizes, exclusive=True)
         position = tf.range(biggest)
@@ -206,7 +251,7 @@ def build_signature_functions(plan, lifter_factory, num_members: int):
             padded = tf.gather(tf.concat(parts + [zero_row], 0), source_row)
             shape = input_shapes[name]
             if shape is not None:
-                padded.set_shape([num_members, None] + list(shape[1:]))
+                padded.set_shape([num_members, fixed_rows] + list(shape[1:]))
             values[name] = Value(STACKED, padded)
         outputs = lift(plan, lifter, values)
         real_rows = tf.reshape(tf.where(tf.reshape(valid, [-1])), [-1])
@@ -325,14 +370,13 @@ def save_merged(module, concrete: dict, metadata: dict, output_dir: str,
                 overwrite: bool = False, warmup: bool = True) -> str:
     """Writes the SavedModel atomically: into a sibling temp folder, then renamed."""
     import tensorflow as tf
-    output_dir = os.path.abspath(output_dir)
-    if os.path.exists(output_dir):
-        if not overwrite:
-            raise MergeError(f"{output_dir} exists; choose a new folder (e.g. a new version "
-                             f"number) or pass overwrite=True")
+    output_dir = check_output_dir(output_dir, (), overwrite)
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".netfuse-", dir=parent)
+    # not tempfile.mkdtemp: its 0700 would survive the rename, and a server running as
+    # another user could not read the model; os.mkdir honours the umask like the rest
+    staging = os.path.join(parent, f".netfuse-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    os.mkdir(staging)
     try:
         default = "stacked" if metadata["stacked"] else "prefixed"
         signatures = dict(concrete)
@@ -416,6 +460,66 @@ def _warmup_feeds(specs: dict, num_members: int, ragged: bool) -> dict | None:
     return feeds
 
 
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_output_dir(output_dir, sources, overwrite: bool) -> str:
+    """Refuses, before any merge work, an output folder that cannot be written or must not be
+    replaced; returns its absolute path."""
+    output = os.path.abspath(os.fspath(output_dir))
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise MergeError(f"output {output} is a file, not a folder; give a folder for the "
+                         f"merged SavedModel (e.g. merged/1)")
+    ancestor = os.path.dirname(output)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise MergeError(f"cannot write output {output}: {ancestor} is a file, not a folder")
+    if os.path.exists(output) and not overwrite:
+        raise MergeError(f"{output} exists; choose a new folder (e.g. a new version number) "
+                         f"or pass overwrite=True")
+    real = os.path.realpath(output)
+    for source in sources:
+        if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
+            model = os.path.realpath(os.fspath(source))
+            how = ("is" if real == model else "contains" if _inside(model, real)
+                   else "is inside" if _inside(real, model) else None)
+            if how:
+                # overwrite replaces an old merged model, never a model being merged
+                raise MergeError(f"output {output} {how} the folder of input model {source}; "
+                                 f"choose an output folder outside the models being merged")
+    return output
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """``names`` with repeats numbered (``a``, ``a_1``, ...), never taking a name that is
+    already used, or that another member has of its own."""
+    taken = set(names)
+    result: list[str] = []
+    used: set[str] = set()
+    for name in names:
+        candidate, count = name, 0
+        while candidate in used or (count and candidate in taken):
+            count += 1
+            candidate = f"{name}_{count}"
+        used.add(candidate)
+        result.append(candidate)
+    return result
+
+
+def _require_open_batches(reference) -> None:
+    """Ragged mode runs all members' rows as one batch: a graph built for a fixed batch size
+    (a Flatten's Reshape to [4, ...]) would reshape them across members."""
+    for info in reference.inputs:
+        fixed = fixed_batch(info.shape)
+        if fixed is not None:
+            raise MergeError(f"mode='ragged' needs inputs with an open batch dimension, but "
+                             f"input '{info.name}' has a fixed batch size of {fixed} "
+                             f"({reference.source}); merge with mode='stock' or 'grouped', or "
+                             f"export the members with a batch size of None")
+
+
 def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
           names: list[str] | None = None, stacked: bool = False, mode: str = "stock",
           signature_key: str = "serving_default", use_channels: bool = True,
@@ -424,11 +528,15 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
     """Merges N models of one architecture (different weights) into one merged model.
 
     Args:
-      paths_or_models: SavedModel folders (Keras 3 ``model.export()``, tf_keras ``save``,
-        ``tf.saved_model.save`` of a tf.Module with a serving signature) or in-memory Keras
-        models, all of one architecture.
-      output_dir: where to write the merged SavedModel (must not exist unless ``overwrite``).
-      names: member names (default: folder names, or Keras model names).
+      paths_or_models: a list of SavedModel folders (Keras 3 ``model.export()``, tf_keras
+        ``save``, ``tf.saved_model.save`` of a tf.Module with a serving signature) or
+        in-memory Keras models, all of one architecture. A lone path is refused (a
+        ``MergeError``): pass ``[path]`` to merge one model.
+      output_dir: where to write the merged SavedModel (must not exist unless ``overwrite``;
+        never an input model's folder, one inside it or one containing it). Checked before
+        any merge work.
+      names: unique member names (default: folder names, or Keras model names, numbered
+        ``_1``, ``_2``, ... where they repeat).
       stacked: ``serving_default`` takes ``[N, B, ...]`` inputs instead of ``m{i}_name`` ones.
       mode: ``"stock"`` (stock TF ops only) or ``"ragged"``: the prefixed signature runs the
         members' rows concatenated, without padding, through tfweave's GroupedMatMul op, and a
@@ -443,6 +551,7 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
       conv_strategy: ``"grouped"`` (one grouped Conv2D for the N members, the paper's way,
         best on GPUs) or ``"batched"`` (1x1 convolutions as one BatchMatMulV2, wider ones as N
         Conv2D ops side by side in the graph; faster on CPUs). Both are stock ops, no loops.
+      overwrite: replace ``output_dir`` if it exists (an earlier merged model).
       warmup: write TF Serving's ``assets.extra/tf_serving_warmup_requests`` (one request of
         zeros per served signature, see ``write_warmup_requests``), so that loading the model
         builds its graphs instead of the first request.
@@ -452,7 +561,7 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
     """
     import tensorflow as tf
     from tfweave.netfuse.constants import (collect_weights, constant_nodes, frontier_tensors,
-                                           reachable_nodes)
+                                           reachable_nodes, require_no_loops)
     from tfweave.netfuse.isomorphism import match_all
     from tfweave.netfuse.lifting import LiftPlan
     from tfweave.netfuse.sources import freeze_member
@@ -461,11 +570,21 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
         raise MergeError(f"mode {mode!r} is not available; use one of {', '.join(MODES)}")
     if mode in ("ragged", "grouped"):
         load_ragged_ops()
+    if isinstance(paths_or_models, (str, bytes, os.PathLike)):
+        # a lone path would otherwise be iterated over, one character per model
+        raise MergeError(f"merge() takes a list of models, not one path: pass "
+                         f"[{os.fsdecode(paths_or_models)!r}] to merge a single model")
     sources = list(paths_or_models)
     if not sources:
         raise MergeError("nothing to merge: give at least one model")
     if names is not None and len(names) != len(sources):
         raise MergeError(f"{len(names)} names for {len(sources)} models")
+    if output_dir is not None:
+        output_dir = check_output_dir(output_dir, sources, overwrite)
+    if names is not None and len(set(names)) != len(names):
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise MergeError(f"member names must be unique (requests are routed by name): "
+                         f"{', '.join(map(repr, twice))} given more than once")
     total = len(sources)
     report = progress or (lambda stage, done, count: None)
 
@@ -476,21 +595,17 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
         members.append(member)
         LOG.info("froze member %d/%d: %s", index + 1, total, member.source)
         report("freeze", index + 1, total)
-    seen: dict[str, int] = {}
-    for index, member in enumerate(members):  # unique member names
-        name = names[index] if names else member.name
-        if name in seen:
-            seen[name] += 1
-            name = f"{name}_{seen[name]}"
-        else:
-            seen[name] = 0
-        if name != member.name:
-            members[index] = dataclasses.replace(member, name=name)
+    for index, name in enumerate(unique_names(names or [m.name for m in members])):
+        if name != members[index].name:
+            members[index] = dataclasses.replace(members[index], name=name)
 
     twin_maps = match_all(members)
     report("match", total, total)
     reference = members[0]
+    if mode == "ragged":
+        _require_open_batches(reference)
     reachable = reachable_nodes(reference)
+    require_no_loops(reference, reachable)
     constants = constant_nodes(reference, reachable)
     frontier = frontier_tensors(reference, reachable, constants)
     weights = collect_weights(members, twin_maps, frontier,
