@@ -60,3 +60,50 @@ def test_merge_refuses_members_with_different_signature_inputs():
         return keras.Model(inputs, keras.layers.Dense(2)(inputs))
     error = _refusal([build("features"), build("pixels")])
     assert "signature inputs ['features'] in model 0 vs ['pixels']" in str(error)
+
+
+def test_identical_rnn_models_are_refused_for_their_while_loop_not_as_different_architectures():
+    import keras
+
+    def member(seed):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((4, 2), name="features")
+        return keras.Model(x, keras.layers.Dense(2)(keras.layers.GRU(3)(x)))
+
+    # the loops' frame names differ as the layer names do (gru_1/while vs gru_1_1/while)
+    with pytest.raises(netfuse.UnsupportedOpError, match="while loop") as refusal:
+        netfuse.merge([member(0), member(1)])
+    assert not isinstance(refusal.value, netfuse.NotIsomorphicError)
+    assert "GRU" in str(refusal.value)
+
+
+def _dense_member(seed, input_name=None):
+    import keras
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((3,), name=input_name)
+    return keras.Model(x, keras.layers.Dense(2)(x))
+
+
+def test_exports_with_keras_generated_input_names_pair_by_position(tmp_path, rng):
+    import numpy as np
+    from tests.netfuse.parity import assert_members_match
+    models = [_dense_member(seed) for seed in range(2)]
+    paths = []
+    for index, model in enumerate(models):
+        paths.append(str(tmp_path / f"m{index}" / "1"))
+        model.export(paths[-1], verbose=False)
+    merged = netfuse.merge(paths)
+    (name,) = merged.input_specs  # member 0's name (keras_tensor...); member 1's differs
+    inputs = [{name: rng.normal(size=(b, 3)).astype(np.float32)} for b in (2, 1)]
+    results = merged.run(dict(enumerate(inputs)))
+    own = [{models[i].inputs[0].name: inputs[i][name]} for i in range(2)]
+    assert_members_match(models, results, own)
+
+
+def test_a_generated_input_name_against_a_given_one_hints_at_naming_the_inputs(tmp_path):
+    paths = []
+    for index, model in enumerate([_dense_member(0), _dense_member(1, "features")]):
+        paths.append(str(tmp_path / f"m{index}" / "1"))
+        model.export(paths[-1], verbose=False)
+    with pytest.raises(netfuse.NotIsomorphicError, match=r"name the keras\.Input layers"):
+        netfuse.merge(paths)

@@ -16,6 +16,9 @@ from tfweave.netfuse.errors import NotIsomorphicError
 
 PASS_THROUGH_OPS = {"Identity", "Snapshot", "IdentityN"}
 _IGNORED_ATTRS = {"value"}  # Const values are weights; compared for dtype/shape only
+# Attributes derived from node names (a while loop's frame, a resource's shared name), which
+# differ between two builds of one architecture as the names do
+_NAME_ATTRS = {"frame_name", "shared_name", "container"}
 
 
 def parse_input(text: str) -> tuple[str, int] | None:
@@ -56,8 +59,8 @@ def _compare_nodes(ref, other) -> list[str]:
     problems = []
     if ref.op != other.op:
         return [f"op {ref.op} vs {other.op}"]
-    keys = {k for k in ref.attr if not k.startswith("_")} | {
-        k for k in other.attr if not k.startswith("_")}
+    keys = {k for k in (*ref.attr, *other.attr)
+            if not k.startswith("_") and k not in _NAME_ATTRS}
     for key in sorted(keys):
         if key not in ref.attr or key not in other.attr:
             problems.append(f"attribute '{key}' present in only one of them")
@@ -79,6 +82,36 @@ def _compare_nodes(ref, other) -> list[str]:
     return problems
 
 
+def _auto_named_in_order(names) -> list[str] | None:
+    """Keras's auto-generated input names (``keras_tensor``, ``keras_tensor_2``, ...) in the
+    order Keras numbered them, or None when any name was given by the user."""
+    from tfweave.netfuse.sources import _AUTO_INPUT_NAME
+    keys = []
+    for name in names:
+        found = _AUTO_INPUT_NAME.fullmatch(name)
+        if found is None:
+            return None
+        keys.append((found.group(1), int(found.group(2)[1:]) if found.group(2) else 0, name))
+    return [key[2] for key in sorted(keys)]
+
+
+def _paired_inputs(ref_in, oth_in, who: str, diffs: list) -> dict[str, str]:
+    """Reference input name -> the other member's. Keras numbers unnamed inputs per process,
+    so two exports of one architecture name them differently: those pair by position."""
+    if set(ref_in) == set(oth_in):
+        return {key: key for key in ref_in}
+    ref_auto, oth_auto = _auto_named_in_order(ref_in), _auto_named_in_order(oth_in)
+    if ref_auto is not None and oth_auto is not None and len(ref_auto) == len(oth_auto):
+        return dict(zip(ref_auto, oth_auto))
+    hint = ""
+    if ref_auto is not None or oth_auto is not None:
+        hint = (" (names Keras generated for unnamed inputs: name the keras.Input layers, "
+                "keras.Input(..., name=...), before exporting, or merge the in-memory models)")
+    diffs.append(f"signature inputs {sorted(ref_in)} in model 0 vs {sorted(oth_in)} in "
+                 f"{who}{hint}")
+    return {}
+
+
 def match_members(reference, other, other_index: int) -> dict[str, str]:
     """Maps each node of ``reference`` reachable from its outputs to its twin in ``other``.
 
@@ -89,10 +122,9 @@ def match_members(reference, other, other_index: int) -> dict[str, str]:
 
     ref_in = {t.name: t for t in reference.inputs}
     oth_in = {t.name: t for t in other.inputs}
-    if set(ref_in) != set(oth_in):
-        diffs.append(f"signature inputs {sorted(ref_in)} in model 0 vs {sorted(oth_in)} in {who}")
-    for key in sorted(set(ref_in) & set(oth_in)):
-        a, b = ref_in[key], oth_in[key]
+    paired = _paired_inputs(ref_in, oth_in, who, diffs)
+    for key in sorted(paired):
+        a, b = ref_in[key], oth_in[paired[key]]
         if a.dtype != b.dtype or a.shape != b.shape:
             diffs.append(f"input '{key}': {a.dtype}{a.shape} in model 0 vs "
                          f"{b.dtype}{b.shape} in {who}")
@@ -108,7 +140,7 @@ def match_members(reference, other, other_index: int) -> dict[str, str]:
     ref_nodes, oth_nodes = reference.node_map(), other.node_map()
     forward: dict[str, str] = {}
     backward: dict[str, str] = {}
-    placeholder_twin = {tensor_of(ref_in[k].tensor)[0]: tensor_of(oth_in[k].tensor)[0]
+    placeholder_twin = {tensor_of(ref_in[k].tensor)[0]: tensor_of(oth_in[paired[k]].tensor)[0]
                         for k in ref_in}
     queue: deque = deque()
     for key in sorted(ref_out):
