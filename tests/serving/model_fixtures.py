@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def write_text(path: Path, text: str) -> str:
     """Writes a config file for a test and returns its path as the server's flags want it."""
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     return str(path)
 
 

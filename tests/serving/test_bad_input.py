@@ -324,3 +324,41 @@ def test_idle_keep_alive_connections_make_way_while_busy_ones_hold_the_cap(
         for session in sessions:
             session.close()
     assert server.alive()
+
+
+@pytest.mark.parametrize("method", ["PATCH", "OPTIONS", "TRACE", "BREW"])
+def test_any_method_gets_tf_servings_json_error_not_an_html_page(
+        server, http, method, assert_serving):
+    """http.server answers a method it has no ``do_<METHOD>`` for with an HTML 501 page; TF
+    Serving answers a method a path does not take as a malformed request, in its JSON shape."""
+    for path in ("/v1/models/member0:predict", "/v1/models/member0",
+                 "/v1/models/member0/versions/1/metadata", "/v1/elsewhere"):
+        answer = http.request(method, f"{server.rest}{path}", timeout=30)
+        assert f"Malformed request: {method} {path}" in _rest_error(answer, 400)
+    _rest_error(http.request(method, f"{server.rest}/elsewhere", timeout=30), 404)
+
+
+def _read_head(answer) -> tuple[bytes, dict[str, str]]:
+    """An answer's status line and headers, read from a socket's file."""
+    status, headers = answer.readline(), {}
+    while (line := answer.readline()) not in (b"\r\n", b""):
+        key, value = line.decode().split(":", 1)
+        headers[key.strip().lower()] = value.strip()
+    return status, headers
+
+
+def test_head_gets_an_error_status_without_a_body_and_the_connection_goes_on(server,
+                                                                             assert_serving):
+    with socket.create_connection(("127.0.0.1", server.rest_port), timeout=30) as sock:
+        answer = sock.makefile("rb")
+        sock.sendall(b"HEAD /v1/models/member0 HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers = _read_head(answer)
+        assert status.startswith(b"HTTP/1.1 400"), status
+        assert headers["content-type"] == "application/json"
+        assert "close" not in headers.get("connection", "")
+        # on the same connection: a body sent after the HEAD answer would be read here
+        sock.sendall(b"GET /v1/models/member0 HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers = _read_head(answer)
+        assert status.startswith(b"HTTP/1.1 200"), status
+        body = json.loads(answer.read(int(headers["content-length"])))
+        assert body["model_version_status"][0]["state"] == "AVAILABLE"

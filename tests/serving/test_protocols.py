@@ -6,7 +6,11 @@ the member SavedModel's own output computed in this process.
 
 from __future__ import annotations
 
+import json
 import shutil
+import socket
+from http.client import HTTPResponse
+from urllib.parse import quote
 
 import grpc
 import numpy as np
@@ -21,6 +25,7 @@ from tests.serving.model_fixtures import write_text
 from tests.serving.model_fixtures import IN_DIM
 
 RNG = np.random.default_rng(42)
+NON_ASCII_NAME = "modèle"   # member0's SavedModel under a name that is not ASCII
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +53,7 @@ model_config_list {{
   config {{ name: "merged" base_path: "{zoo['merged']}" model_platform: "tensorflow" }}
 {contract}
   config {{ name: "versioned" base_path: "{versioned}" }}
+  config {{ name: "{NON_ASCII_NAME}" base_path: "{zoo['members']['member0']}" }}
   config {{
     name: "both_versions" base_path: "{versioned}"
     model_version_policy {{ all {{}} }}
@@ -281,6 +287,44 @@ def test_versions_and_labels_select_the_model_version(server, stubs, reference):
     answer = requests.post(f"{server.rest}/v1/models/both_versions/labels/nope:predict",
                            json={"inputs": x.tolist()}, timeout=30)
     assert answer.status_code == 400 and "nope" in answer.json()["error"]
+
+
+def _raw_http(server, method: str, path: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    """One request whose path goes on the wire as the bytes given (http.client and requests
+    would percent-encode or refuse a non-ASCII path)."""
+    with socket.create_connection(("127.0.0.1", server.rest_port), timeout=30) as sock:
+        sock.sendall(method.encode() + b" " + path + b" HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        answer = HTTPResponse(sock, method=method)
+        answer.begin()
+        return answer.status, answer.read()
+
+
+def test_non_ascii_model_names_resolve_sent_raw_or_percent_encoded(server, stubs, reference):
+    predict, _ = stubs
+    x = RNG.standard_normal((2, IN_DIM)).astype(np.float32)
+    expected = reference("member0", x)
+    response = predict.Predict(predict_request(NON_ASCII_NAME, x), timeout=30)
+    assert response.model_spec.name == NON_ASCII_NAME
+    assert_outputs({k: tf.make_ndarray(v) for k, v in response.outputs.items()}, expected)
+    body = json.dumps({"instances": x.tolist()}).encode()
+    encoded = quote(NON_ASCII_NAME).encode()
+    assert encoded.isascii()
+    for name in (NON_ASCII_NAME.encode("utf-8"), encoded):
+        status, answer = _raw_http(server, "POST", b"/v1/models/" + name + b":predict", body)
+        assert status == 200, answer
+        predictions = json.loads(answer)["predictions"]
+        assert_outputs({k: [p[k] for p in predictions] for k in expected}, expected)
+        status, answer = _raw_http(server, "GET", b"/v1/models/" + name)
+        assert status == 200, answer
+        assert json.loads(answer)["model_version_status"][0]["state"] == "AVAILABLE"
+        status, answer = _raw_http(server, "GET", b"/v1/models/" + name + b"/metadata")
+        assert status == 200, answer
+        assert json.loads(answer)["model_spec"]["name"] == NON_ASCII_NAME
+    # a name that is not UTF-8 at all is simply not served
+    status, answer = _raw_http(server, "GET", b"/v1/models/mod\xe8le")
+    assert status == 404 and set(json.loads(answer)) == {"error"}
 
 
 def test_classify_and_regress_answer_unimplemented(server, stubs):

@@ -64,9 +64,10 @@ def parse_model_server_config(path: str) -> list[ModelEntry]:
     from tensorflow_serving.config import model_server_config_pb2
 
     try:
-        with open(path) as f:
+        # text protos are UTF-8, whatever the locale (a model name need not be ASCII)
+        with open(path, encoding="utf-8") as f:
             text = f.read()
-    except OSError as error:
+    except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"cannot read --model_config_file {path}: {error}") from error
     config = model_server_config_pb2.ModelServerConfig()
     try:

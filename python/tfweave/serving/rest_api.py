@@ -3,10 +3,11 @@
 Paths and verbs follow TF Serving's ``http_rest_api_util.cc`` (same regular expressions):
 ``POST /v1/models/NAME[/versions/V|/labels/L]:predict`` and ``GET /v1/models/NAME[...]`` for
 status and ``.../metadata``. Errors are ``{"error": "..."}`` with TF Serving's HTTP status for
-the error's code. HTTP/1.1 keep-alive; one thread per open connection, capped by
-``--rest_api_num_threads``: a new connection beyond the cap closes one that sits idle between
-requests (keep-alive), else it gets 503 at once; bodies beyond
-``--max_request_bytes`` get 413 without being read.
+the error's code, for every method (http.server's HTML 501 for methods it has no handler for
+included; HEAD answers carry no body). A model name may come raw (UTF-8) or percent-encoded.
+HTTP/1.1 keep-alive; one thread per open connection, capped by ``--rest_api_num_threads``: a
+new connection beyond the cap closes one that sits idle between requests (keep-alive), else it
+gets 503 at once; bodies beyond ``--max_request_bytes`` get 413 without being read.
 """
 
 from __future__ import annotations
@@ -173,17 +174,12 @@ def _make_handler(api: RestApi, timeout_s: float):
         def log_message(self, format, *args):  # noqa: A002 (BaseHTTPRequestHandler's name)
             LOG.debug("%s " + format, self.address_string(), *args)
 
-        def do_GET(self):
-            self._serve("GET")
-
-        def do_POST(self):
-            self._serve("POST")
-
-        def do_PUT(self):
-            self._serve("PUT")
-
-        def do_DELETE(self):
-            self._serve("DELETE")
+        def __getattr__(self, name):
+            # http.server answers a method it finds no do_<METHOD> for with an HTML 501
+            # page: every method is the API's to answer, in its JSON error shape.
+            if name.startswith("do_"):
+                return lambda: self._serve(name[3:])
+            raise AttributeError(name)
 
         def _read_body(self) -> bytes:
             body = self._read_raw_body()
@@ -251,7 +247,9 @@ def _make_handler(api: RestApi, timeout_s: float):
                 raise _ClientGone() from error
 
         def _serve(self, method: str):
-            path = urlsplit(self.path).path
+            # http.server decodes the request line as latin-1; a model name sent raw is UTF-8
+            # (percent-encoded ones are decoded later, by the route).
+            path = urlsplit(self.path).path.encode("latin-1").decode("utf-8", "replace")
             body_state = {"read": False, "error": False}
 
             def read_body():
@@ -281,7 +279,8 @@ def _make_handler(api: RestApi, timeout_s: float):
                 if self.close_connection:
                     self.send_header("Connection", "close")
                 self.end_headers()
-                self.wfile.write(body)
+                if method != "HEAD":   # a HEAD answer has headers only (the length is kept)
+                    self.wfile.write(body)
             except OSError:
                 LOG.debug("client %s left before its answer", self.client_address)
                 self.close_connection = True
