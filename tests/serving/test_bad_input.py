@@ -362,3 +362,23 @@ def test_head_gets_an_error_status_without_a_body_and_the_connection_goes_on(ser
         assert status.startswith(b"HTTP/1.1 200"), status
         body = json.loads(answer.read(int(headers["content-length"])))
         assert body["model_version_status"][0]["state"] == "AVAILABLE"
+
+
+def test_repeated_values_beyond_the_shape_are_dropped_as_tensorflows_from_proto_does(
+        server, stub, reference, assert_serving):
+    """TF Serving decodes inputs with Tensor::FromProto, which takes the first values a shape
+    needs from ``float_val`` and ignores the rest (and repeats the last one when there are
+    too few); ``tf.io.parse_tensor`` runs the same FromProto here as the reference."""
+    values = np.arange(2 * IN_DIM + 5, dtype=np.float32) / 10
+    for count in (2 * IN_DIM + 5, 2 * IN_DIM + 1, 3):
+        request = _request("member0")
+        proto = request.inputs["x"]
+        proto.dtype = tf.float32.as_datatype_enum
+        proto.tensor_shape.dim.add(size=2)
+        proto.tensor_shape.dim.add(size=IN_DIM)
+        proto.float_val.extend(values[:count].tolist())
+        decoded_by_tf = tf.io.parse_tensor(proto.SerializeToString(), tf.float32).numpy()
+        response = stub.Predict(request, timeout=30)
+        np.testing.assert_allclose(tf.make_ndarray(response.outputs["logits"]),
+                                   reference("member0", decoded_by_tf)["logits"],
+                                   rtol=1e-5, atol=1e-6, err_msg=f"{count} values")

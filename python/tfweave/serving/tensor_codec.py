@@ -1,8 +1,10 @@
 """numpy arrays <-> TensorProto, and the dtype names TF's own error messages use.
 
 Numeric tensors go out as ``tensor_content`` (one bytes copy instead of a repeated field per
-value); incoming protos may use either form, as ``tf.make_ndarray`` accepts, and a proto whose
-content does not match its shape is an INVALID_ARGUMENT naming the input, not a crash.
+value); incoming protos may use either form and decode as TF Serving's ``Tensor::FromProto``
+does: ``tensor_content`` must match the shape exactly (else INVALID_ARGUMENT naming the input),
+while a repeated ``*_val`` field gives the first values the shape needs, the rest ignored, and
+too few repeat the last one.
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ _NUMPY_BY_ENUM = {
     types_pb2.DT_STRING: np.object_,
 }
 _ENUM_BY_NUMPY = {np.dtype(v): k for k, v in _NUMPY_BY_ENUM.items() if v is not np.object_}
+# The repeated field that holds a tensor's values when it has no tensor_content (tensor.proto).
+_VALUES_FIELD = {
+    types_pb2.DT_FLOAT: "float_val", types_pb2.DT_DOUBLE: "double_val",
+    types_pb2.DT_HALF: "half_val", types_pb2.DT_INT8: "int_val", types_pb2.DT_INT16: "int_val",
+    types_pb2.DT_INT32: "int_val", types_pb2.DT_INT64: "int64_val",
+    types_pb2.DT_UINT8: "int_val", types_pb2.DT_UINT16: "int_val",
+    types_pb2.DT_UINT32: "uint32_val", types_pb2.DT_UINT64: "uint64_val",
+    types_pb2.DT_BOOL: "bool_val", types_pb2.DT_STRING: "string_val",
+}
 
 
 def dtype_name(enum: int) -> str:
@@ -79,6 +90,13 @@ def from_tensor_proto(proto: tensor_pb2.TensorProto, what: str) -> np.ndarray:
                 f"{len(proto.tensor_content)} bytes but shape {list(shape)} of "
                 f"{dtype_name(proto.dtype)} needs {count * itemsize}")
         return np.frombuffer(proto.tensor_content, dtype=dtype).reshape(shape)
+    values = getattr(proto, _VALUES_FIELD[proto.dtype])
+    if len(values) > count:
+        # tf.make_ndarray refuses extra values where FromProto (TF Serving) ignores them
+        trimmed = tensor_pb2.TensorProto()
+        trimmed.CopyFrom(proto)
+        del getattr(trimmed, _VALUES_FIELD[proto.dtype])[count:]
+        proto = trimmed
     from tensorflow.python.framework import tensor_util
     try:
         array = tensor_util.MakeNdarray(proto)
