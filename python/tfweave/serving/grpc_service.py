@@ -11,6 +11,7 @@ tensorflow-serving-api, so the wire protocol is TF Serving's own.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import time
 
@@ -44,6 +45,28 @@ class _Observed:
                                      time.perf_counter() - self.start)
 
 
+@contextlib.contextmanager
+def _answering(context, observed: _Observed):
+    """Ends a call that raised with the same status in the answer and in the metrics: a
+    ServingError's own code, INTERNAL (with the error) for a fault of ours."""
+    try:
+        yield
+    except ServingError as error:
+        observed.status = error.code
+        context.abort(grpc.StatusCode[error.code], error.message)
+    except Exception as error:
+        if context.code() is not None:
+            # context.abort() unwinds with a bare Exception: an answer chosen on purpose
+            observed.status = context.code().name
+            raise
+        LOG.exception("gRPC %s for model %r failed", observed.api, observed.model)
+        observed.status = "INTERNAL"
+        context.abort(grpc.StatusCode.INTERNAL,
+                      f"internal error: {type(error).__name__}: {error}")
+    finally:
+        observed.done()
+
+
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, manager, metrics):
         self.manager = manager
@@ -51,7 +74,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     def Predict(self, request, context):
         observed = _Observed(self.metrics, request.model_spec.name, "predict")
-        try:
+        with _answering(context, observed):
             spec = request.model_spec
             version, label = _spec_version(spec)
             inputs = {k: from_tensor_proto(v, f"input '{k}'") for k, v in request.inputs.items()}
@@ -64,8 +87,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             try:
                 outputs = future.result()
             except concurrent.futures.CancelledError:
-                observed.status = "CANCELLED"  # the client went away; its task was dropped
-                context.abort(grpc.StatusCode.CANCELLED, "the client cancelled the call")
+                # the client went away; its task was dropped
+                raise ServingError("CANCELLED", "the client cancelled the call") from None
             response = predict_pb2.PredictResponse()
             response.model_spec.name = spec.name
             response.model_spec.version.value = servable.version
@@ -73,24 +96,13 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             for key, value in outputs.items():
                 response.outputs[key].CopyFrom(to_tensor_proto(value))
             return response
-        except ServingError as error:
-            observed.status = error.code
-            context.abort(grpc.StatusCode[error.code], error.message)
-        finally:
-            observed.done()
 
     def GetModelMetadata(self, request, context):
         observed = _Observed(self.metrics, request.model_spec.name, "metadata")
-        try:
-            response = model_metadata(self.manager, request.model_spec.name,
-                                      *_spec_version(request.model_spec),
-                                      list(request.metadata_field))
-            return response
-        except ServingError as error:
-            observed.status = error.code
-            context.abort(grpc.StatusCode[error.code], error.message)
-        finally:
-            observed.done()
+        with _answering(context, observed):
+            return model_metadata(self.manager, request.model_spec.name,
+                                  *_spec_version(request.model_spec),
+                                  list(request.metadata_field))
 
     def Classify(self, request, context):
         self._unimplemented(context, "Classify")
