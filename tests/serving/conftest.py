@@ -58,7 +58,8 @@ class ServerProcess:
                 self._ready.set()
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:   # stop() closes it; a failed start reads it afterwards
+            self._log.flush()
         return self.log_path.read_text()
 
     def alive(self) -> bool:

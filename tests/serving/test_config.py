@@ -99,3 +99,38 @@ def test_cli_refuses_bad_flags_with_exit_code_2(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 2
     assert "missing" in result.stderr
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--port", "70000", "--rest_api_port", "0"], "--port 70000"),
+    (["--port", "-1", "--rest_api_port", "0"], "--port -1"),
+    (["--port", "0", "--rest_api_port", "70000"], "--rest_api_port 70000"),
+    (["--port", "8611", "--rest_api_port", "8611"], "also the gRPC --port"),
+    (["--port", "0", "--rest_api_port", "0", "--rest_api_num_threads", "0"],
+     "--rest_api_num_threads 0"),
+    (["--port", "0", "--rest_api_port", "0", "--max_request_bytes", "-5"],
+     "--max_request_bytes -5"),
+])
+def test_cli_refuses_impossible_ports_and_limits_before_serving(tmp_path, flags, words):
+    # gRPC would bind --port 70000 as port 4464 and REST would die with a traceback: each must
+    # be a one-line error (exit 2) that names the flag, before any model loads.
+    base = _version_dirs(tmp_path / "model", [1])
+    command = [sys.executable, "-m", "tfweave.cli", "serve", "--model_base_path", base] + flags
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2, result.stdout + result.stderr[-2000:]
+    assert words in result.stderr and "Traceback" not in result.stderr
+    assert "ready" not in result.stdout
+
+
+def test_rest_port_in_use_is_an_error_naming_the_rest_port(zoo):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "tfweave.cli", "serve", "--model_base_path",
+                   zoo["members"]["member0"], "--port", "0", "--rest_api_port", str(port)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert result.returncode == 2, result.stdout + result.stderr[-2000:]
+    assert f"cannot bind REST port 127.0.0.1:{port} (--rest_api_port)" in result.stderr

@@ -289,6 +289,57 @@ def test_versions_and_labels_select_the_model_version(server, stubs, reference):
     assert answer.status_code == 400 and "nope" in answer.json()["error"]
 
 
+
+def test_version_beyond_int64_in_a_rest_path_is_invalid_argument(server):
+    # TF Serving parses the path's version as an int64 and answers 400 when it cannot; a
+    # version that merely is not loaded is a 404.
+    for huge in ("9" * 25, "9" * 5000):   # 5000 digits: past Python's int() limit too
+        answer = requests.post(
+            f"{server.rest}/v1/models/both_versions/versions/{huge}:predict",
+            json={"inputs": [[0.0] * IN_DIM]}, timeout=30)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"] == f"Failed to convert version: {huge} to numeric."
+        answer = requests.get(f"{server.rest}/v1/models/both_versions/versions/{huge}",
+                              timeout=30)
+        assert answer.status_code == 400, answer.text
+    answer = requests.get(f"{server.rest}/v1/models/both_versions/versions/{2**63 - 1}",
+                          timeout=30)
+    assert answer.status_code == 404, answer.text
+
+
+@pytest.mark.parametrize("timeout_ms", ["0", "-1"])
+def test_rest_timeout_of_zero_or_less_means_no_deadline(zoo, reference, start_server,
+                                                        timeout_ms):
+    # TF Serving sets a deadline only for --rest_api_timeout_in_ms > 0; 0 failed every predict
+    # at once (504) and -1 dropped every REST connection without an answer.
+    served = start_server(["--model_name", "m", "--model_base_path", zoo["members"]["member0"],
+                           "--rest_api_timeout_in_ms", timeout_ms])
+    x = RNG.standard_normal((2, IN_DIM)).astype(np.float32)
+    with requests.Session() as session:
+        for _ in range(2):   # and the kept-alive connection serves a second request
+            answer = session.post(f"{served.rest}/v1/models/m:predict",
+                                  json={"inputs": x.tolist()}, timeout=60)
+            assert answer.status_code == 200, answer.text
+            assert_outputs(answer.json()["outputs"], reference("member0", x))
+        assert session.get(f"{served.rest}/v1/models/m", timeout=60).status_code == 200
+
+
+def test_an_ipv6_host_serves_both_protocols(zoo, reference, start_server):
+    # gRPC bound --host ::1 while REST refused to start ("Address family for hostname not
+    # supported"): socketserver makes IPv4 sockets unless told otherwise.
+    served = start_server(["--host", "::1", "--model_name", "m",
+                           "--model_base_path", zoo["members"]["member0"]])
+    x = RNG.standard_normal((2, IN_DIM)).astype(np.float32)
+    answer = requests.post(f"http://[::1]:{served.rest_port}/v1/models/m:predict",
+                           json={"inputs": x.tolist()}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert_outputs(answer.json()["outputs"], reference("member0", x))
+    with grpc.insecure_channel(f"[::1]:{served.grpc_port}") as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+            predict_request("m", x), timeout=60)
+    assert_outputs({k: tf.make_ndarray(v) for k, v in response.outputs.items()},
+                   reference("member0", x))
+
 def _raw_http(server, method: str, path: bytes, body: bytes = b"") -> tuple[int, bytes]:
     """One request whose path goes on the wire as the bytes given (http.client and requests
     would percent-encode or refuse a non-ASCII path)."""

@@ -45,7 +45,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="largest request accepted on gRPC and REST (larger: RESOURCE_EXHAUSTED / 413)")
     add("--rest_api_num_threads", type=int, default=256,
         help="most REST connections served at once (more get 503)")
-    add("--rest_api_timeout_in_ms", type=int, default=30000, help="REST request timeout")
+    add("--rest_api_timeout_in_ms", type=int, default=30000,
+        help="deadline of a REST request; 0 or less: none (TF Serving's meaning)")
     add("--tensorflow_intra_op_parallelism", type=int, default=0,
         help="threads per op of a model run; 0 (default): the cores divided among the batch "
              "threads (num_batch_threads), at least 1, rather than TensorFlow's every core "
@@ -75,11 +76,30 @@ def _flag_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _check_flags(args) -> None:
+    """Flag values no server can run with, refused before anything loads (gRPC would bind
+    --port 70000 as port 4464, and REST would die with a traceback)."""
+    from tfweave.serving.model_config import ConfigError
+
+    for flag, port in (("--port", args.port), ("--rest_api_port", args.rest_api_port)):
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{flag} {port}: a TCP port is 0-65535")
+    if args.rest_api_port and args.rest_api_port == args.port:
+        raise ConfigError(f"--rest_api_port {args.rest_api_port} is also the gRPC --port; give "
+                          "the REST API a port of its own (or --rest_api_port 0 to disable it)")
+    if args.rest_api_num_threads < 1:
+        raise ConfigError(f"--rest_api_num_threads {args.rest_api_num_threads}: at least one "
+                          "REST connection must be served (--rest_api_port 0 disables REST)")
+    if args.max_request_bytes < 1:
+        raise ConfigError(f"--max_request_bytes {args.max_request_bytes}: must be at least 1")
+
+
 def build_options(args):
     from tfweave.serving.model_config import (ConfigError, parse_batching_parameters,
                                               parse_model_server_config)
     from tfweave.serving.server import ServerOptions, entries_for_base_path
 
+    _check_flags(args)
     if args.model_config_file and args.model_base_path:
         raise ConfigError("give either --model_config_file or --model_base_path, not both")
     if args.model_config_file:

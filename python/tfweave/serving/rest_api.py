@@ -36,6 +36,11 @@ STATUS_PATH = re.compile(r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|"
                          r"(?:/labels/([^/:]+)))?(?:/(metadata))?", re.IGNORECASE)
 V1_PATH = re.compile(r"/v1/.*", re.IGNORECASE)
 PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
+# A version is an int64 (TF Serving parses the path's digits with SimpleAtoi).
+_MAX_VERSION = 2**63 - 1
+# How long a socket read may stall when --rest_api_timeout_in_ms sets no deadline (TF Serving's
+# default deadline): a client that stops sending mid-request must not hold a thread forever.
+_READ_TIMEOUT_WITHOUT_DEADLINE_S = 30.0
 
 
 class _ClientGone(Exception):
@@ -51,11 +56,11 @@ def _to_json(message) -> bytes:
 class RestApi:
     """Request handling, independent of the socket server so it reads as the protocol."""
 
-    def __init__(self, manager, metrics, max_request_bytes: int, timeout_s: float):
+    def __init__(self, manager, metrics, max_request_bytes: int, timeout_s: float | None):
         self.manager = manager
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s   # None: no deadline (--rest_api_timeout_in_ms <= 0)
 
     def handle(self, method: str, path: str, read_body) -> tuple[int, str, bytes]:
         """Returns (HTTP status, content type, body); ``read_body()`` returns the request body."""
@@ -101,6 +106,8 @@ class RestApi:
     @staticmethod
     def _model_info(match):
         name, version, label, last = match.groups()
+        if version is not None and (len(version) > 19 or int(version) > _MAX_VERSION):
+            raise invalid_argument(f"Failed to convert version: {version} to numeric.")
         if version is not None and label is not None:
             raise invalid_argument(f"Both model version ({version}) and model version label "
                                    f"({label}) cannot be supplied.")
@@ -294,6 +301,9 @@ class RestServer(ThreadingHTTPServer):
     request_queue_size = 256
 
     def __init__(self, address, handler, max_connections: int):
+        # an IPv6 --host (::1, ::) needs an IPv6 socket; socketserver makes IPv4 ones only
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         self._active = 0
         self._active_lock = threading.Lock()
         self._idle: set = set()   # sockets of connections waiting for their next request
@@ -352,8 +362,15 @@ class RestServer(ThreadingHTTPServer):
 class HttpServer:
     def __init__(self, manager, metrics, host: str, port: int, *, max_request_bytes: int,
                  timeout_s: float, max_connections: int):
-        api = RestApi(manager, metrics, max_request_bytes, timeout_s)
-        self._server = RestServer((host, port), _make_handler(api, timeout_s), max_connections)
+        # TF Serving's --rest_api_timeout_in_ms <= 0: requests have no deadline.
+        deadline_s = timeout_s if timeout_s > 0 else None
+        api = RestApi(manager, metrics, max_request_bytes, deadline_s)
+        handler = _make_handler(api, deadline_s or _READ_TIMEOUT_WITHOUT_DEADLINE_S)
+        try:
+            self._server = RestServer((host, port), handler, max_connections)
+        except OSError as error:
+            raise OSError(f"cannot bind REST port {host}:{port} (--rest_api_port): "
+                          f"{error.strerror or error}") from None
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.2}, name="tfweave-rest",
