@@ -86,4 +86,6 @@ def test_request_larger_than_max_batch_size_is_invalid_argument(server):
         stub.Predict(_request("member1", np.zeros((9, IN_DIM), np.float32)), timeout=60)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "larger than maximum batch size" in caught.value.details()
+    # the error names the member the client asked for, not the merged model behind it
+    assert "(model member1)" in caught.value.details()
     channel.close()

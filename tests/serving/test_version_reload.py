@@ -231,6 +231,36 @@ def test_with_polling_off_a_new_version_waits_for_a_restart(start_server, tmp_pa
     shutil.rmtree(os.path.join(base, "2"))
 
 
+
+def test_a_new_version_is_served_while_a_label_keeps_its_version(start_server, tmp_path):
+    # A label naming the version being served used to stop polling from ever loading a new
+    # one: every request kept getting the old model. Now the new version takes the
+    # unlabelled requests and the labelled version stays loaded for the label.
+    base = str(tmp_path / "model")
+    os.makedirs(base)
+    old, new = member_weights(61), member_weights(62)
+    publish(lambda p: write_member(p, old), base, 1)
+    config = write_text(tmp_path / "models.config", f"""
+model_config_list {{
+  config {{ name: "m" base_path: "{base}" version_labels {{ key: "stable" value: 1 }} }}
+}}""")
+    server = start_server(["--model_config_file", config])
+    channel = grpc.insecure_channel(server.grpc)
+    model_stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    publish(lambda p: write_member(p, new), base, 2)
+    wait_for_versions(model_stub, "m", [2, 1])
+    x = RNG.standard_normal((2, IN_DIM)).astype(np.float32)
+    for kwargs, weights, version in (({}, new, 2), ({"label": "stable"}, old, 1),
+                                     ({"version": 1}, old, 1)):
+        response = stub.Predict(predict_request("m", x, **kwargs), timeout=30)
+        assert response.model_spec.version.value == version, kwargs
+        np.testing.assert_allclose(tf.make_ndarray(response.outputs["logits"]),
+                                   numpy_logits(weights, x), rtol=1e-4, atol=1e-5,
+                                   err_msg=str(kwargs))
+    channel.close()
+    assert server.alive()
+
 def test_a_request_that_resolved_a_retiring_version_resolves_again():
     """The window between resolving a version and queueing on it: if the version retires in
     between, the request goes to the version that replaced it (never an error)."""

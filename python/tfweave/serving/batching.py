@@ -128,11 +128,11 @@ class _Queue:
         """Removes and returns every waiting task."""
         raise NotImplementedError
 
-    def _check_size(self, task: Task):
+    def _check_size(self, task: Task, model: str | None = None):
         if self.batching and not task.solo and task.rows > self.max_batch_size:
             raise invalid_argument(f"Task size {task.rows} is larger than maximum batch size "
-                                   f"{self.max_batch_size} (model {self.name}); split the "
-                                   "request or raise max_batch_size")
+                                   f"{self.max_batch_size} (model {model or self.name}); split "
+                                   "the request or raise max_batch_size")
 
 
 def _claim(tasks) -> list[Task]:
@@ -269,8 +269,9 @@ class MergedBatchQueue(_Queue):
         self._full_members = 0   # members holding a full batch (kept as requests come and go)
 
     def submit(self, task: Task) -> Future:
-        self._check_size(task)
         i = task.member
+        # named for the member the client asked for, not the merged model serving it
+        self._check_size(task, self.merged.member_names[i])
         with self.scheduler.cv:
             self._check_open()
             if self._rows[i] + task.rows > self.capacity and self._tasks[i]:

@@ -233,8 +233,13 @@ def version_path(base_path: str, version: int) -> str:
     return os.path.join(base_path, _version_names(names).get(version, str(version)))
 
 
-def versions_to_load(entry: ModelEntry) -> list[int]:
-    """Applies the version policy (TF Serving's default: the newest version only)."""
+def versions_to_load(entry: ModelEntry, serving=()) -> list[int]:
+    """Applies the version policy (TF Serving's default: the newest version only).
+
+    ``serving``: the versions loaded now. One a version label names stays loaded beside the
+    policy's versions (while its directory is there), so a new version takes the unlabelled
+    requests while the label keeps answering; TF Serving unloads it and the label's requests
+    fail. At startup and on a new config a label must name a version the policy loads."""
     versions = available_versions(entry.base_path)
     if not versions:
         raise ConfigError(
@@ -250,6 +255,8 @@ def versions_to_load(entry: ModelEntry) -> list[int]:
         chosen = sorted(entry.policy.versions)
     else:
         chosen = versions[-entry.policy.num_versions:]
+    pinned = {v for v in entry.version_labels.values() if v in serving and v in versions}
+    chosen = sorted(set(chosen) | pinned)
     for label, version in entry.version_labels.items():
         if version not in chosen:
             raise ConfigError(f"model {entry.name}: version label {label!r} points at version "

@@ -178,7 +178,7 @@ class ModelManager:
             for entry in self.entries:
                 served = self.models[entry.name]
                 try:
-                    wanted = versions_to_load(entry)
+                    wanted = versions_to_load(entry, served.versions)
                 except ConfigError as error:
                     # e.g. the base path emptied: TF Serving keeps serving what it has loaded
                     message = f"{error}; keeping versions {sorted(served.versions)}"
