@@ -124,3 +124,43 @@ def test_a_merged_queue_batch_holds_one_shape_per_member():
     with scheduler.cv:
         batch = queue.take()
     assert batch[0] == [other]
+
+
+def test_members_of_a_model_whose_outputs_combine_rows_run_unpadded_with_equal_batches(
+        tmp_path):
+    """An output centred by its batch's mean changes when padding rows join the batch: the
+    merge records it (``unpadded_outputs``) and refuses unequal batches, so a batch of
+    members sending 1, 2 and 2 rows runs as two runs, each member's answer its own."""
+    import tensorflow as tf
+
+    paths = []
+    for i in range(3):
+        rng = np.random.default_rng(200 + i)
+
+        class Centred(tf.Module):
+            def __init__(self):
+                self.kernel = tf.Variable(rng.standard_normal((WIDTH, CLASSES)), dtype=tf.float32)
+
+            @tf.function(input_signature=[tf.TensorSpec([None, WIDTH], tf.float32, name="x")])
+            def serve(self, x):
+                y = tf.matmul(x, self.kernel)
+                return {"centred": y - tf.reduce_mean(y, axis=0, keepdims=True)}
+
+        module = Centred()
+        paths.append(str(tmp_path / f"member{i}" / "1"))
+        tf.saved_model.save(module, paths[-1], signatures={"serving_default": module.serve})
+    merged, scheduler, model = _merged(paths, tmp_path)
+    try:
+        assert merged.metadata["unpadded_outputs"] == ["centred"]
+        rng = np.random.default_rng(9)
+        tasks = [Task({"x": rng.standard_normal((rows, WIDTH)).astype(np.float32)}, rows,
+                      ("centred",), member=i) for i, rows in enumerate((1, 2, 2))]
+        results = merged.run_members([[task] for task in tasks])
+        for i, task in enumerate(tasks):
+            own = tf.saved_model.load(paths[i]).signatures["serving_default"](
+                x=tf.constant(task.inputs["x"]))["centred"].numpy()
+            np.testing.assert_allclose(results[i]["centred"], own, rtol=1e-5, atol=1e-5,
+                                       err_msg=f"member{i}")
+    finally:
+        scheduler.stop()
+        model.close()

@@ -7,9 +7,12 @@ On-disk contract (the ``tfweave serve`` part relies on it):
   other form is always saved too, under signature ``prefixed`` / ``stacked``.
 - Members may send different batch sizes in the prefixed form: inputs are zero-padded to the
   largest batch, run as one ``[N, B_max, ...]`` batch, and each output is sliced back to its
-  member's batch (members with an empty batch cost only their padding).
+  member's batch (members with an empty batch cost only their padding). A member's inputs
+  share one batch size. Where an output combines a member's rows (``unpadded_outputs``: no
+  batch axis, or rows that depend on the other rows), members must send equal batches or none.
 - ``assets/netfuse.json``: ``{"format": 1, "members": [{"name", "source", "index"}],
-  "inputs": {name: {"dtype", "shape"}}, "outputs": {...}, "signatures": {...}, "mode": ...}``.
+  "inputs": {name: {"dtype", "shape"}}, "outputs": {...}, "unpadded_outputs": [name],
+  "signatures": {...}, "mode": ...}``.
 - Stock TensorFlow ops only (mode ``"stock"``), so an unmodified TF Serving loads it. Modes
   ``"ragged"`` and ``"grouped"`` use tfweave's GroupedMatMul op (``op_libraries`` names it).
 """
@@ -48,6 +51,65 @@ def _fixed_batch_message(name: str, fixed: int) -> str:
             f"with it): send {fixed} rows, or none to leave the member out")
 
 
+def unbatched_outputs(inputs: dict, outputs: dict) -> list[str]:
+    """Outputs (name -> {"shape"}) whose first axis is not their member's batch: a scalar,
+    or a fixed first dimension where the inputs' batch is open (a column sum, a total, a row
+    count). Computed on padded rows they would be wrong, so members with such outputs run
+    unpadded: each sends the same number of rows, or none (see also row_mixing_outputs)."""
+    if any(fixed_batch(spec["shape"]) is not None for spec in inputs.values()):
+        return []  # every member sends the fixed batch or none: never padded
+    return [name for name, spec in outputs.items()
+            if spec["shape"] is not None and (not spec["shape"] or spec["shape"][0] is not None)]
+
+
+def row_mixing_outputs(member) -> list[str]:
+    """Outputs with a batch axis whose rows depend on the other rows (centred by the batch
+    mean, an in-batch similarity [B, B]): padding would change them. Found by running the
+    member on two synthetic rows and on the first alone; none when no synthetic input is
+    safe (strings, a fixed batch) or the run fails."""
+    import tensorflow as tf
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for info in member.inputs:
+        dtype = tf.as_dtype(info.dtype)
+        if not info.shape or fixed_batch(info.shape) is not None:
+            return []
+        shape = [2] + [3 if d is None else d for d in info.shape[1:]]
+        if dtype.is_floating:
+            value = rng.normal(size=shape)
+        elif dtype.is_integer or dtype.is_bool:
+            value = rng.integers(0, 2, size=shape)  # ids 0 and 1 are in any vocabulary
+        else:
+            return []
+        feeds[info.tensor] = value.astype(dtype.as_numpy_dtype)
+    fetches = [info.tensor for info in member.outputs]
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(member.graph_def, name="")
+    try:
+        with tf.compat.v1.Session(graph=graph) as session:
+            both = session.run(fetches, feeds)
+            first = session.run(fetches, {k: v[:1] for k, v in feeds.items()})
+    except (tf.errors.OpError, ValueError) as error:
+        LOG.info("row probe skipped: %s", str(error).splitlines()[0])
+        return []
+    mixing = []
+    for info, rows, row in zip(member.outputs, both, first):
+        if np.ndim(rows) == 0 or len(rows) != 2:
+            continue  # no batch axis: unbatched_outputs
+        if rows.shape[1:] != row.shape[1:] or not np.allclose(
+                rows[:1].astype(np.float64), row.astype(np.float64), rtol=1e-3, atol=1e-4,
+                equal_nan=True):
+            mixing.append(info.name)
+    return mixing
+
+
+def _unpadded_message(names: list[str]) -> str:
+    return (f"output {', '.join(map(repr, names))} combines a member's rows (it has no batch "
+            f"axis, or its rows depend on the other rows), so it cannot be computed on padded "
+            f"rows: send every member the same number of rows, or none")
+
+
 class MergedModel:
     """N member models behind one merged graph, in memory or loaded from disk.
 
@@ -65,6 +127,8 @@ class MergedModel:
         self.members = [m["name"] for m in metadata["members"]]
         self.input_specs = metadata["inputs"]
         self.output_specs = metadata["outputs"]
+        self.unpadded_outputs = metadata.get(
+            "unpadded_outputs", unbatched_outputs(self.input_specs, self.output_specs))
 
     @property
     def variables(self) -> tuple:
@@ -95,12 +159,21 @@ class MergedModel:
         indices = {self._index(k): k for k in requests}
         template = {}
         feeds = {}
+        batches = set()
         for index, key in indices.items():
             given = requests[key]
             missing = set(self.input_specs) - set(given)
             if missing:
                 raise MergeError(f"member {self.members[index]}: missing inputs {sorted(missing)}"
                                  f" (expects {sorted(self.input_specs)})")
+            rows = {name: np.shape(given[name])[0] for name in self.input_specs
+                    if np.ndim(given[name])}
+            if len(set(rows.values())) > 1:
+                # the signature splits all inputs by one batch size per member
+                raise MergeError(f"member {self.members[index]}: its inputs must have the same "
+                                 f"number of rows, but " + ", ".join(
+                                     f"'{name}' has {count} rows" for name, count in rows.items()))
+            batches.update(count for count in rows.values() if count)
             for name, spec in self.input_specs.items():
                 array = np.asarray(given[name], dtype=spec["dtype"])
                 fixed = fixed_batch(spec["shape"])
@@ -109,12 +182,23 @@ class MergedModel:
                                      f"{_fixed_batch_message(name, fixed)}, not "
                                      f"{array.shape[0]}")
                 feeds[prefixed_name(index, name)] = array
-                template.setdefault(name, array)
+                first, like = template.setdefault(name, (index, array))
+                if like.shape[1:] != array.shape[1:]:
+                    # the members' rows are stacked into one batch
+                    raise MergeError(
+                        f"input '{name}': member {self.members[first]} sent rows of shape "
+                        f"{list(like.shape[1:])}, member {self.members[index]} rows of shape "
+                        f"{list(array.shape[1:])}; members run as one batch, so pad their "
+                        f"inputs to one shape (with a mask, if the model takes one) or run "
+                        f"them in separate calls")
+        if self.unpadded_outputs and len(batches) > 1:
+            raise MergeError(f"{_unpadded_message(self.unpadded_outputs)} (rows sent: "
+                             f"{sorted(batches)})")
         for index in range(self.num_members):
             if index in indices:
                 continue
             for name, spec in self.input_specs.items():
-                like = template[name]
+                _, like = template[name]
                 feeds[prefixed_name(index, name)] = np.zeros((0,) + like.shape[1:], like.dtype)
         results = self.signatures["prefixed"]({k: tf.constant(v) for k, v in feeds.items()})
         return {key: {name: results[prefixed_name(index, name)].numpy()
@@ -202,8 +286,41 @@ def _checked_batches(per_member, input_names, input_shapes):
     return checked
 
 
-def build_signature_functions(plan, lifter_factory, num_members: int):
-    """The two serving bodies as Python callables over positional tensors."""
+def _member_sizes(per_member, input_names):
+    """Each member's batch size ``[N]``, checked at run time to be that of every one of its
+    inputs: all inputs are split by these sizes, so a member sending 2 rows of one input and 3
+    of another would hand its extra row to the next member."""
+    import tensorflow as tf
+    rows = tf.stack([tf.stack(tf.shape_n([member[p] for member in per_member]))[:, 0]
+                     for p in range(len(input_names))], axis=1)                  # [N, inputs]
+    sizes = rows[:, 0]
+    if len(input_names) == 1:
+        return sizes
+    check = tf.debugging.Assert(
+        tf.reduce_all(tf.equal(rows, sizes[:, None])),
+        [f"each member's inputs must have the same number of rows; rows of "
+         f"{', '.join(input_names)} per member:", rows],
+        summarize=len(per_member) * len(input_names))
+    with tf.control_dependencies([check]):
+        return tf.identity(sizes)
+
+
+def _checked_unpadded(sizes, biggest, unpadded):
+    """``sizes``, checked at run time to need no padding (each 0 or ``biggest``) when an
+    output combines rows (see unbatched_outputs, row_mixing_outputs)."""
+    import tensorflow as tf
+    if not unpadded:
+        return sizes
+    check = tf.debugging.Assert(
+        tf.reduce_all(tf.logical_or(tf.equal(sizes, 0), tf.equal(sizes, biggest))),
+        [_unpadded_message(unpadded) + "; rows sent per member:", sizes])
+    with tf.control_dependencies([check]):
+        return tf.identity(sizes)
+
+
+def build_signature_functions(plan, lifter_factory, num_members: int, unpadded=()):
+    """The two serving bodies as Python callables over positional tensors. ``unpadded``:
+    outputs that combine rows, so members must send equal batches (or none)."""
     import tensorflow as tf
     from tfweave.netfuse.lifting import MEMBERS, STACKED, Value, lift
 
@@ -219,6 +336,9 @@ def build_signature_functions(plan, lifter_factory, num_members: int):
                 for name in output_names}
 
     input_shapes = {info.name: info.shape for info in reference.inputs}
+    unbatched = unbatched_outputs(
+        {info.name: {"shape": info.shape} for info in reference.inputs},
+        {info.name: {"shape": info.shape} for info in reference.outputs})
 
     def prefixed_body(*tensors):
         # Members' batches differ: rows are gathered into a zero-padded [N, B_max, ...] batch
@@ -235,10 +355,11 @@ def build_signature_functions(plan, lifter_factory, num_members: int):
             return {prefixed_name(0, name): tf.identity(lifter.stacked(outputs[name])[0],
                                                         name=prefixed_name(0, name))
                     for name in output_names}
-        sizes = tf.stack(tf.shape_n([member[0] for member in per_member]))[:, 0]
+        sizes = _member_sizes(per_member, input_names)
         # a fixed batch is the members' only size (or none): the graph may depend on it
         fixed_rows = fixed_batch(input_shapes[input_names[0]])
         biggest = fixed_rows or tf.reduce_max(sizes)
+        sizes = _checked_unpadded(sizes, biggest, list(unpadded))
         total = tf.reduce_sum(sizes)
         offsets = tf.cumsum(sizes, exclusive=True)
         position = tf.range(biggest)
@@ -258,7 +379,7 @@ def build_signature_functions(plan, lifter_factory, num_members: int):
         result = {}
         for name in output_names:
             stacked = lifter.stacked(outputs[name])
-            if stacked.shape.rank == 1:  # per-member scalars: no batch axis to slice
+            if stacked.shape.rank == 1 or name in unbatched:  # no batch axis to slice
                 parts = tf.unstack(stacked, num=num_members)
             else:
                 flat = tf.reshape(stacked, tf.concat([[-1], tf.shape(stacked)[2:]], 0))
@@ -289,7 +410,7 @@ def build_ragged_functions(plan, lifter_factory, num_members: int):
     def prefixed_body(*tensors):
         k = len(input_names)
         per_member = [tensors[i * k:(i + 1) * k] for i in range(num_members)]
-        sizes = tf.stack([tf.shape(member[0])[0] for member in per_member])
+        sizes = _member_sizes(per_member, input_names)
         rows = [tf.concat([member[p] for member in per_member], 0) for p in range(k)]
         outs = ragged_outputs(plan, lifter_factory(), input_names, output_names, rows, sizes)
         result = {}
@@ -321,7 +442,7 @@ def load_ragged_ops():
 
 
 def build_module(plan, num_members: int, use_channels: bool = True,
-                 conv_strategy: str = "grouped", mode: str = "stock"):
+                 conv_strategy: str = "grouped", mode: str = "stock", unpadded=()):
     """Traces the merged functions (twice: plan weights, then for real) into a tf.Module."""
     import tensorflow as tf
     from tfweave.netfuse.lifting import Lifter, WeightStore
@@ -333,7 +454,8 @@ def build_module(plan, num_members: int, use_channels: bool = True,
                       conv_strategy=conv_strategy,
                       grouped_matmul=mode in ("grouped", "ragged"))
 
-    stacked_body, prefixed_body = build_signature_functions(plan, make_lifter, num_members)
+    stacked_body, prefixed_body = build_signature_functions(plan, make_lifter, num_members,
+                                                            unpadded)
     stacked_specs = _input_specs(plan.reference, num_members, stacked=True)
     prefixed_specs = _input_specs(plan.reference, num_members, stacked=False)
 
@@ -508,6 +630,17 @@ def unique_names(names: list[str]) -> list[str]:
     return result
 
 
+def _require_batch_axes(reference) -> None:
+    """Every input's first axis is its batch: the signatures stack, pad and split members'
+    inputs along it, which a scalar does not have."""
+    for info in reference.inputs:
+        if info.shape == []:
+            raise MergeError(f"input '{info.name}' is a scalar (shape []) in "
+                             f"{reference.source}: a merged model splits each input into its "
+                             f"members' rows along the first axis; export the members with "
+                             f"this input as shape [None] (one value per row) or shape [1]")
+
+
 def _require_open_batches(reference) -> None:
     """Ragged mode runs all members' rows as one batch: a graph built for a fixed batch size
     (a Flatten's Reshape to [4, ...]) would reshape them across members."""
@@ -563,7 +696,8 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
     from tfweave.netfuse.constants import (collect_weights, constant_nodes, frontier_tensors,
                                            reachable_nodes, require_no_loops)
     from tfweave.netfuse.isomorphism import match_all
-    from tfweave.netfuse.lifting import LiftPlan
+    from tfweave.netfuse.errors import UnsupportedOpError
+    from tfweave.netfuse.lifting import RULES, LiftPlan
     from tfweave.netfuse.sources import freeze_member
 
     if mode not in MODES:
@@ -602,6 +736,7 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
     twin_maps = match_all(members)
     report("match", total, total)
     reference = members[0]
+    _require_batch_axes(reference)
     if mode == "ragged":
         _require_open_batches(reference)
     reachable = reachable_nodes(reference)
@@ -614,8 +749,20 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
         if frozen_here:  # its graph (a full copy of its weights) is no longer needed
             member.graph_def = None
     plan = LiftPlan(reference, weights, constants, reachable)
-    module, concrete, weight_bytes = build_module(plan, total, use_channels=use_channels,
-                                                  conv_strategy=conv_strategy, mode=mode)
+    inputs_json = _tensor_specs_json(reference.inputs)
+    outputs_json = _tensor_specs_json(reference.outputs)
+    unpadded = sorted(set(unbatched_outputs(inputs_json, outputs_json))
+                      | set(row_mixing_outputs(reference) if mode != "ragged" else []))
+    try:
+        module, concrete, weight_bytes = build_module(plan, total, use_channels=use_channels,
+                                                      conv_strategy=conv_strategy, mode=mode,
+                                                      unpadded=unpadded)
+    except UnsupportedOpError as error:
+        if mode != "ragged" or error.op not in RULES:
+            raise
+        # refused for ragged rows only: the stock mode pads members' batches and lifts it
+        raise UnsupportedOpError(error.op, error.node, f"{error.reason}; merge with "
+                                 f"mode='stock' or 'grouped' instead") from error
     report("lift", total, total)
     LOG.info("merged %d members: %d ops lifted, %.1f MB of weights", total, len(plan.order),
              weight_bytes / 2**20)
@@ -624,8 +771,9 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
         "format": FORMAT_VERSION,
         "members": [{"name": m.name, "source": m.source, "index": i}
                     for i, m in enumerate(members)],
-        "inputs": _tensor_specs_json(reference.inputs),
-        "outputs": _tensor_specs_json(reference.outputs),
+        "inputs": inputs_json,
+        "outputs": outputs_json,
+        "unpadded_outputs": unpadded,
         "mode": mode,
         "conv_strategy": conv_strategy,
         "stacked": bool(stacked),

@@ -185,6 +185,9 @@ class MergedModel:
         self.signature = Signature(DEFAULT_SIGNATURE, model.signature_defs[DEFAULT_SIGNATURE])
         members = sorted(metadata["members"], key=lambda m: int(m["index"]))
         self.num_members = len(members)
+        # Outputs that combine a member's rows (netfuse.merged_model.unbatched_outputs,
+        # row_mixing_outputs) must not see padding: members run with equal batches only.
+        self.unpadded = list(metadata.get("unpadded_outputs", []))
         self.member_names = [m["name"] for m in members]
         if [int(m["index"]) for m in members] != list(range(self.num_members)):
             raise ValueError(f"{model.path}/assets/netfuse.json: member indices must be "
@@ -354,11 +357,16 @@ class MergedModel:
 
         The merged graph stacks or concatenates the members' rows, so they share a run only
         if they agree beyond the batch axis (sequence length, image size, ...): members whose
-        requests have another shape run in a run of their own, beside the others."""
+        requests have another shape run in a run of their own, beside the others. Where an
+        output combines rows (``unpadded_outputs``), members share a run only with the same
+        number of rows."""
         groups: dict[tuple, list[int]] = {}
         for i, tasks in enumerate(per_member):
             if tasks:   # a member's batch holds one shape (MergedBatchQueue.take)
-                groups.setdefault(tasks[0].shape_key, []).append(i)
+                key = tasks[0].shape_key
+                if self.unpadded:   # outputs that combine rows: no padding, equal batches
+                    key = (key, sum(t.rows for t in tasks))
+                groups.setdefault(key, []).append(i)
         if len(groups) <= 1:
             return self._run_group(per_member)
         results: list[dict[str, np.ndarray]] = [{} for _ in per_member]
