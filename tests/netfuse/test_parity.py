@@ -244,3 +244,42 @@ def test_bfloat16_weights_are_floating_point_weights_and_the_merge_matches(mode,
     merged = netfuse.merge(models, mode=mode)
     inputs = [{"features": rng.normal(size=(b, 5)).astype("float32")} for b in (2, 3)]
     assert_members_match(models, merged.run(dict(enumerate(inputs))), inputs)
+
+
+@pytest.mark.parametrize("mode", ["stock", "ragged"])
+def test_keras_argmax_output_merges_and_matches_members(mode, rng):
+    # Keras 3's float argmax tests the sign bit of zeros through a Bitcast to int32
+    import keras
+    models = []
+    for seed in range(2):
+        keras.utils.set_random_seed(seed)
+        features = keras.Input((6,), name="features")
+        logits = keras.layers.Dense(4)(features)
+        models.append(keras.Model(features, [logits, keras.ops.argmax(logits, axis=-1)]))
+    merged = netfuse.merge(models, mode=mode)
+    inputs = [{"features": rng.normal(size=(b, 6)).astype("float32")} for b in (3, 2)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(2)}), inputs)
+
+
+def test_tf_cond_on_per_model_tensors_is_refused_as_a_conditional_with_what_to_do(tmp_path):
+    import tensorflow as tf
+
+    class Gated(tf.Module):
+        def __init__(self, seed):
+            self.w = tf.Variable(np.full((3, 2), seed + 1.0, "float32"))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+        def serve(self, x):
+            y = tf.matmul(x, self.w)
+            return {"y": tf.cond(tf.reduce_sum(y) > 0, lambda: y, lambda: -y)}
+
+    paths = []
+    for seed in range(2):
+        module = Gated(seed)
+        path = str(tmp_path / f"gated{seed}")
+        tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+        paths.append(path)
+    with pytest.raises(netfuse.UnsupportedOpError, match=r"\(op Switch\): it is part of a "
+                       r"tf.cond.*tf.where") as caught:
+        netfuse.merge(paths)
+    assert "cond" in caught.value.node

@@ -116,3 +116,18 @@ def test_ragged_float64_projections_run_as_stock_ops_per_member_and_match(layer,
     assert "GroupedMatMul" not in _graph_ops(merged.functions["ragged"])
     inputs = [{"features": rng.normal(size=(b, 4, 5))} for b in (2, 3)]
     assert_members_match(models, merged.run(dict(enumerate(inputs))), inputs)
+
+
+def test_ragged_refusal_of_an_op_the_stock_mode_lifts_points_to_the_stock_mode():
+    import keras
+    models = []
+    for seed in range(2):
+        keras.utils.set_random_seed(seed)
+        seq = keras.Input((6, 4), name="seq")
+        # TimeDistributed folds time into the batch with a Transpose: not row-wise in ragged mode
+        x = keras.layers.TimeDistributed(keras.layers.Dense(5))(seq)
+        models.append(keras.Model(seq, x))
+    with pytest.raises(netfuse.UnsupportedOpError,
+                       match=r"\(op Transpose\): it moves the batch axis.*mode='stock'"):
+        netfuse.merge(models, mode="ragged")
+    netfuse.merge(models, mode="stock")  # what the message suggests does merge it

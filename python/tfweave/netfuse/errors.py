@@ -26,6 +26,7 @@ class UnsupportedOpError(MergeError):
     def __init__(self, op: str, node: str, reason: str = ""):
         self.op = op
         self.node = node
+        self.reason = reason
         detail = f": {reason}" if reason else ""
         super().__init__(
             f"cannot merge node '{node}' (op {op}){detail}. NetFuse lifts only the ops it has "

@@ -374,6 +374,13 @@ def _unary(lx: Lifter, node, ins):
     return [Value(STACKED, lx.clone(node, [lx.stacked(v)])[0])]
 
 
+@rule("Bitcast")
+def _bitcast(lx: Lifter, node, ins):
+    # Keras 3's float argmax reads sign bits this way. Between types of different widths it
+    # adds or drops a last axis, which would split the channel layout's N*C: model axis first.
+    return [Value(STACKED, lx.clone(node, [lx.stacked(ins[0])])[0])]
+
+
 def _broadcast_shape(shapes):
     rank = max(len(s) for s in shapes)
     out = []
@@ -1467,6 +1474,10 @@ def _topological(member, reachable, constants, fused) -> list[str]:
     return [name for name in order if nodes[name].op not in PASS_THROUGH_OPS]
 
 
+# A lowered tf.cond: no rule lifts one (each member may take its own branch)
+COND_OPS = {"Switch", "RefSwitch", "Merge", "RefMerge"}
+
+
 def lift(plan: LiftPlan, lifter: Lifter, inputs: dict[str, Value]) -> dict[str, Value]:
     """Emits the lifted graph for ``inputs`` (signature input key -> Value) and returns the
     signature outputs (key -> Value)."""
@@ -1508,6 +1519,11 @@ def lift(plan: LiftPlan, lifter: Lifter, inputs: dict[str, Value]) -> dict[str, 
             if any(v.kind == "ragged" for v in ins):
                 from tfweave.netfuse.ragged import RAGGED_RULES as rules
             handler = rules.get(node.op)
+            if handler is None and node.op in COND_OPS:
+                raise UnsupportedOpError(
+                    node.op, node.name, "it is part of a tf.cond (or a Keras layer's "
+                    "conditional) that a per-model tensor flows through; NetFuse does not merge "
+                    "conditionals: compute both branches and pick with tf.where instead")
             if handler is None:
                 raise UnsupportedOpError(
                     node.op, node.name, "no merge rule for this op on per-model tensors"

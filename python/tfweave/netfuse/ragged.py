@@ -148,8 +148,8 @@ def _same_rows(lx, node, ins):
 from tfweave.netfuse.lifting import BINARY_OPS, UNARY_OPS  # noqa: E402
 
 
-@ragged_rule(*UNARY_OPS, "Softmax", "LogSoftmax", "MaxPool", "AvgPool", "MaxPool3D",
-             "AvgPool3D", "MaxPoolV2")
+@ragged_rule(*UNARY_OPS, "Bitcast", "Softmax", "LogSoftmax", "MaxPool", "AvgPool",
+             "MaxPool3D", "AvgPool3D", "MaxPoolV2")
 def _unchanged_rows(lx, node, ins):
     return _same_rows(lx, node, ins)
 
@@ -660,7 +660,9 @@ def ragged_outputs(plan, lifter, input_names, output_names, rows, sizes) -> dict
     for name in output_names:
         value = outputs[name]
         if value.kind != RAGGED:
-            raise UnsupportedOpError("(output)", name,
-                                     "an output that does not depend on the inputs")
+            raise UnsupportedOpError(
+                "(output)", name, "it has no batch axis of the members' rows (a constant, or "
+                "a value that combines rows, such as the batch size); ragged mode returns "
+                "per-row outputs only: merge with mode='stock' or 'grouped'")
         result[name] = (value.tensor, sizes_of(value))
     return result
