@@ -172,6 +172,42 @@ def test_merge_accepts_tf_keras_saved_models_with_fused_batch_norm(tmp_path, rng
                                    atol=1e-4)
 
 
+def _tf_keras_paths(tmp_path, heads):
+    """tf_keras `save`s of models built in one process: their signatures name each output after
+    its layer, which tf_keras numbers per process (dense, dense_1, ...)."""
+    import tf_keras
+    models, paths = [], []
+    for seed in range(2):
+        tf_keras.utils.set_random_seed(seed)
+        inputs = tf_keras.Input((5,), name="features")
+        hidden = tf_keras.layers.Dense(4, activation="relu", name="hidden")(inputs)
+        outputs = [tf_keras.layers.Dense(3)(hidden) for _ in range(heads)]
+        model = tf_keras.Model(inputs, outputs)
+        path = str(tmp_path / f"tfk{seed}")
+        model.save(path, save_format="tf")
+        models.append(model)
+        paths.append(path)
+    return models, paths
+
+
+def test_tf_keras_single_outputs_named_by_their_layer_counter_pair_up(tmp_path, rng):
+    models, paths = _tf_keras_paths(tmp_path, heads=1)
+    merged = netfuse.merge(paths)
+    features = [rng.normal(size=(b, 5)).astype("float32") for b in (2, 1)]
+    results = merged.run({i: {"features": features[i]} for i in range(2)})
+    for i, model in enumerate(models):
+        (key,) = results[i]
+        np.testing.assert_allclose(results[i][key], model(features[i], training=False).numpy(),
+                                   atol=1e-4)
+
+
+def test_tf_keras_outputs_named_by_their_layer_counter_are_refused_with_what_to_do(tmp_path):
+    # two heads of one shape: pairing them by name order could swap them silently
+    _, paths = _tf_keras_paths(tmp_path, heads=2)
+    with pytest.raises(netfuse.NotIsomorphicError, match="name the output layers"):
+        netfuse.merge(paths)
+
+
 def _named_mlp(seed, name):
     import keras
     keras.utils.set_random_seed(seed)
@@ -199,3 +235,17 @@ def test_merge_refuses_duplicate_explicit_member_names():
 def test_merge_given_one_path_instead_of_a_list_asks_for_a_list(tmp_path):
     with pytest.raises(netfuse.MergeError, match=r"list of models, not one path.*\['"):
         netfuse.merge(str(tmp_path / "ft_a"))
+
+
+def test_merge_refuses_a_lookup_table_naming_the_op_that_reads_it(tmp_path):
+    import keras
+    paths = []
+    for seed, vocabulary in enumerate([["a", "b", "c"], ["c", "b", "a"]]):
+        keras.utils.set_random_seed(seed)
+        words = keras.Input((3,), dtype="string", name="words")
+        ids = keras.layers.StringLookup(vocabulary=vocabulary)(words)
+        model = keras.Model(words, keras.layers.Embedding(5, 2)(ids))
+        paths.append(_export([model], tmp_path / f"lookup{seed}")[0])
+    with pytest.raises(netfuse.MergeError, match=r"string_lookup.*LookupTableFindV2.*"
+                                                 r"lookup table.*outside the model"):
+        netfuse.merge(paths)

@@ -112,6 +112,25 @@ def _paired_inputs(ref_in, oth_in, who: str, diffs: list) -> dict[str, str]:
     return {}
 
 
+def _paired_outputs(ref_out, oth_out, who: str, diffs: list) -> dict[str, str]:
+    """Reference output name -> the other member's. tf_keras names a SavedModel's outputs after
+    their layers, numbered per process (dense, dense_1): a lone output pairs with the other
+    lone output (the structural match below checks it); several are not guessed at, since
+    heads of one shape would match either way round."""
+    if set(ref_out) == set(oth_out):
+        return {key: key for key in ref_out}
+    if len(ref_out) == 1 and len(oth_out) == 1:
+        return {next(iter(ref_out)): next(iter(oth_out))}
+    hint = ""
+    if len(ref_out) == len(oth_out):
+        hint = (" (tf_keras names outputs after their layers, numbered per process: name the "
+                "output layers, e.g. Dense(..., name='probs'), before saving, or merge the "
+                "in-memory models)")
+    diffs.append(f"signature outputs {sorted(ref_out)} in model 0 vs {sorted(oth_out)} in "
+                 f"{who}{hint}")
+    return {}
+
+
 def match_members(reference, other, other_index: int) -> dict[str, str]:
     """Maps each node of ``reference`` reachable from its outputs to its twin in ``other``.
 
@@ -130,9 +149,7 @@ def match_members(reference, other, other_index: int) -> dict[str, str]:
                          f"{b.dtype}{b.shape} in {who}")
     ref_out = {t.name: t for t in reference.outputs}
     oth_out = {t.name: t for t in other.outputs}
-    if set(ref_out) != set(oth_out):
-        diffs.append(f"signature outputs {sorted(ref_out)} in model 0 vs {sorted(oth_out)} "
-                     f"in {who}")
+    paired_out = _paired_outputs(ref_out, oth_out, who, diffs)
     if diffs:
         raise NotIsomorphicError(f"{other.name} does not have {reference.name}'s signature",
                                  diffs)
@@ -145,7 +162,8 @@ def match_members(reference, other, other_index: int) -> dict[str, str]:
     queue: deque = deque()
     for key in sorted(ref_out):
         queue.append((resolve(ref_nodes, tensor_of(ref_out[key].tensor)),
-                      resolve(oth_nodes, tensor_of(oth_out[key].tensor)), f"output '{key}'"))
+                      resolve(oth_nodes, tensor_of(oth_out[paired_out[key]].tensor)),
+                      f"output '{key}'"))
     while queue and len(diffs) < 50:
         (ref_name, ref_idx), (oth_name, oth_idx), via = queue.popleft()
         where = f"node '{ref_name}' in model 0 vs '{oth_name}' in {who} (reached from {via})"

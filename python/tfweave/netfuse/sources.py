@@ -142,6 +142,19 @@ def _frozen_graph_def(concrete):
     return graph_def, input_names, concrete.outputs
 
 
+def _readers(graph_def, tensors: list[str]) -> str:
+    """The ops that use ``tensors`` (looking through Identity nodes), as "'node' (op Op)"."""
+    sources = {t.split(":")[0] for t in tensors}
+    found: list[str] = []
+    while sources:
+        readers = [node for node in graph_def.node
+                   if any(t.lstrip("^").split(":")[0] in sources for t in node.input)]
+        sources = {node.name for node in readers if node.op in ("Identity", "IdentityN")}
+        found += [f"'{node.name}' (op {node.op})" for node in readers
+                  if node.op not in ("Identity", "IdentityN")]
+    return ", ".join(found) or ", ".join(tensors)
+
+
 def _freeze(concrete, name: str, source: str) -> FrozenMember:
 
     _, input_specs = concrete.structured_input_signature
@@ -155,6 +168,14 @@ def _freeze(concrete, name: str, source: str) -> FrozenMember:
     graph_def = inline_function_calls(graph_def, f"member {name} ({source})")
     # Both lists follow tf.nest's flattening order (dict keys sorted).
     input_keys = sorted(input_specs)
+    if len(input_names) > len(input_keys):
+        # Function inputs list the signature's first, then captures freezing kept.
+        raise MergeError(f"member {name} ({source}): its serving signature reads state that is "
+                         f"not a weight and cannot be frozen into the graph: "
+                         f"{_readers(graph_def, input_names[len(input_keys):])} (a lookup "
+                         f"table, e.g. StringLookup or TextVectorization, or another "
+                         f"resource); NetFuse merges models whose only state is their weights: "
+                         f"do the lookup outside the model and export the rest")
     if len(input_names) != len(input_keys):
         raise MergeError(f"member {name} ({source}): frozen graph has {len(input_names)} "
                          f"inputs for {len(input_keys)} signature inputs")
