@@ -249,3 +249,12 @@ def test_merge_refuses_a_lookup_table_naming_the_op_that_reads_it(tmp_path):
     with pytest.raises(netfuse.MergeError, match=r"string_lookup.*LookupTableFindV2.*"
                                                  r"lookup table.*outside the model"):
         netfuse.merge(paths)
+
+
+def test_merge_refuses_bad_names_and_conv_strategies_before_freezing_anything(tmp_path):
+    missing = [str(tmp_path / "not_frozen_yet")] * 2   # freezing them would fail differently
+    with pytest.raises(netfuse.MergeError, match="conv_strategy 'fast' is not available"):
+        netfuse.merge(missing, conv_strategy="fast")
+    for names in (["a", 3], ["a", ""]):
+        with pytest.raises(netfuse.MergeError, match="member names must be non-empty strings"):
+            netfuse.merge(missing, names=names)

@@ -697,11 +697,14 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
                                            reachable_nodes, require_no_loops)
     from tfweave.netfuse.isomorphism import match_all
     from tfweave.netfuse.errors import UnsupportedOpError
-    from tfweave.netfuse.lifting import RULES, LiftPlan
+    from tfweave.netfuse.lifting import CONV_STRATEGIES, RULES, LiftPlan
     from tfweave.netfuse.sources import freeze_member
 
     if mode not in MODES:
         raise MergeError(f"mode {mode!r} is not available; use one of {', '.join(MODES)}")
+    if conv_strategy not in CONV_STRATEGIES:
+        raise MergeError(f"conv_strategy {conv_strategy!r} is not available; use one of "
+                         f"{', '.join(CONV_STRATEGIES)}")
     if mode in ("ragged", "grouped"):
         load_ragged_ops()
     if isinstance(paths_or_models, (str, bytes, os.PathLike)):
@@ -715,6 +718,9 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
         raise MergeError(f"{len(names)} names for {len(sources)} models")
     if output_dir is not None:
         output_dir = check_output_dir(output_dir, sources, overwrite)
+    if names is not None and not all(isinstance(name, str) and name for name in names):
+        raise MergeError(f"member names must be non-empty strings (they are model names in "
+                         f"requests), not {[n for n in names if not isinstance(n, str) or not n]}")
     if names is not None and len(set(names)) != len(names):
         twice = sorted({name for name in names if names.count(name) > 1})
         raise MergeError(f"member names must be unique (requests are routed by name): "
