@@ -411,6 +411,35 @@ def test_prometheus_page_counts_requests_and_merged_batches(server, stubs):
     assert float(busy.split()[-1]) > 0   # the merged runs above took some time
 
 
+def test_requests_for_names_no_model_has_share_one_metrics_series(server, stubs):
+    """A client sending made-up model names must not grow the metrics without bound."""
+    predict, _ = stubs
+    x = np.ones((1, IN_DIM), np.float32)
+    names = [f"made_up_{i}" for i in range(5)]
+    for name in names:
+        with pytest.raises(grpc.RpcError) as caught:
+            predict.Predict(predict_request(name, x), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        answer = requests.post(f"{server.rest}/v1/models/{name}:predict",
+                               json={"instances": x.tolist()}, timeout=30)
+        assert answer.status_code == 404
+    text = requests.get(f"{server.rest}/monitoring/prometheus/metrics", timeout=30).text
+    assert not any(name in text for name in names)
+    counted = {}
+    for line in text.splitlines():
+        if line.startswith(':tensorflow:serving:request_count{model_name="(not served)",'
+                           'API="predict"'):
+            entrypoint = line.split('entrypoint="')[1].split('"')[0]
+            counted[entrypoint] = int(line.split()[-1])
+    assert counted["GRPC"] >= len(names) and counted["REST"] >= len(names)
+    # a version a served model does not have is still that model's NOT_FOUND
+    with pytest.raises(grpc.RpcError):
+        predict.Predict(predict_request("member0", x, version=987), timeout=30)
+    text = requests.get(f"{server.rest}/monitoring/prometheus/metrics", timeout=30).text
+    assert ('model_name="member0",API="predict",entrypoint="GRPC",status="NOT_FOUND"'
+            in text)
+
+
 def test_server_freezes_its_startup_heap_and_exports_collector_pauses(server, stubs):
     # A full collection over TensorFlow's and the models' objects stalled every request in
     # flight for 100-150 ms; the server moves them out of the collector's view at startup.

@@ -18,6 +18,8 @@ LATENCY_BUCKETS_US = [100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 1000
 # TF Serving's warmup latency buckets: 10 us x 1.8^i, up to about 20 minutes.
 WARMUP_BUCKETS_US = [round(10 * 1.8 ** i) for i in range(33)]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+# The model_name label of requests for a name no model has (see Metrics.is_model)
+NOT_SERVED = "(not served)"
 
 
 class _Histogram:
@@ -54,6 +56,10 @@ class Metrics:
         self._runs = defaultdict(int)
         self._run_seconds = defaultdict(float)      # model -> time spent running batches
         self.queue_depths = lambda: {}
+        # Whether a name is a configured model: requests naming anything else are counted
+        # under NOT_SERVED, one series, so that clients sending made-up names cannot grow
+        # the metrics (and this page) without bound.
+        self.is_model = lambda name: True
         self._warmups: dict[tuple[str, str], _Histogram] = {}   # (model_path, status)
         self._gc_pauses: dict[int, _Histogram] | None = None   # generation -> pause (us)
         self._gc_started = 0.0
@@ -82,6 +88,8 @@ class Metrics:
 
     def observe_request(self, model: str, api: str, entrypoint: str, status: str,
                         seconds: float) -> None:
+        if not self.is_model(model):
+            model = NOT_SERVED
         with self._lock:
             self._requests[(model, api, entrypoint, status)] += 1
             key = (model, api, entrypoint)

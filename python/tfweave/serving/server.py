@@ -70,6 +70,7 @@ class ModelServer:
                                     num_batch_threads=batch_threads,
                                     model_warmup=options.model_warmup)
         self.metrics.queue_depths = self.manager.scheduler.queue_depths
+        self.metrics.is_model = lambda name: name in self.manager.models
         self._grpc = None
         self._rest = None
         self.grpc_port = None
