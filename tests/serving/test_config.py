@@ -56,6 +56,25 @@ def test_bad_model_server_configs_name_the_problem(tmp_path, body, words):
         parse_model_server_config(write_text(tmp_path / "c", body))
 
 
+def test_a_specific_version_policy_loads_the_listed_versions_that_are_there(tmp_path):
+    """TF Serving serves the listed versions it finds and loads the others when they appear
+    (the poll asks again); none of them there is an error naming them."""
+    base = _version_dirs(tmp_path / "m", [1, 2, 3])
+    path = write_text(tmp_path / "c", f"""
+model_config_list {{
+  config {{ name: "some" base_path: "{base}"
+           model_version_policy {{ specific {{ versions: 1 versions: 4 }} }} }}
+  config {{ name: "none" base_path: "{base}"
+           model_version_policy {{ specific {{ versions: 7 versions: 8 }} }} }}
+}}""")
+    some, none = parse_model_server_config(path)
+    assert versions_to_load(some) == [1]
+    _version_dirs(tmp_path / "m", [4])
+    assert versions_to_load(some) == [1, 4]
+    with pytest.raises(ConfigError, match=r"none of the versions \[7, 8\]"):
+        versions_to_load(none)
+
+
 def test_version_labels_must_point_at_loaded_versions(tmp_path):
     base = _version_dirs(tmp_path / "m", [1, 2])
     path = write_text(tmp_path / "c", f'model_config_list {{ config {{ name: "a" base_path: '

@@ -248,11 +248,12 @@ def versions_to_load(entry: ModelEntry, serving=()) -> list[int]:
     if entry.policy.kind == "all":
         chosen = versions
     elif entry.policy.kind == "specific":
-        missing = sorted(set(entry.policy.versions) - set(versions))
-        if missing:
-            raise ConfigError(f"model {entry.name}: versions {missing} of the specific version "
-                              f"policy are not under {entry.base_path} (found {versions})")
-        chosen = sorted(entry.policy.versions)
+        # As TF Serving: the listed versions that are there load, the others when they appear
+        chosen = sorted(set(entry.policy.versions) & set(versions))
+        if not chosen:
+            raise ConfigError(f"model {entry.name}: none of the versions "
+                              f"{sorted(entry.policy.versions)} of the specific version policy "
+                              f"is under {entry.base_path} (found {versions})")
     else:
         chosen = versions[-entry.policy.num_versions:]
     pinned = {v for v in entry.version_labels.values() if v in serving and v in versions}
