@@ -14,6 +14,17 @@ def member_outputs(model, inputs: dict) -> list:
     return [np.asarray(t) for t in tf.nest.flatten(result)]
 
 
+def save_modules(modules, folder, stem: str) -> list[str]:
+    """Saves tf.Modules with a ``serve`` tf.function as SavedModels ``folder/{stem}{i}``
+    (``serve`` as ``serving_default``); returns their paths."""
+    import tensorflow as tf
+    paths = []
+    for index, module in enumerate(modules):
+        paths.append(str(folder / f"{stem}{index}"))
+        tf.saved_model.save(module, paths[-1], signatures={"serving_default": module.serve})
+    return paths
+
+
 def assert_members_match(models, merged_results: dict, inputs: list) -> float:
     """Every member's merged outputs equal its own outputs; returns the worst difference."""
     worst = 0.0

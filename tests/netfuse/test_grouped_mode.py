@@ -6,7 +6,7 @@ import pytest
 from tfweave import netfuse
 from tfweave.netfuse import architectures as arch
 
-from tests.netfuse.parity import TOLERANCE, assert_members_match
+from tests.netfuse.parity import TOLERANCE, assert_members_match, save_modules
 
 
 def _members(build, count):
@@ -98,11 +98,7 @@ def _projection_module(seed):
 def test_grouped_saved_model_reloads_with_the_op_library_in_both_loaders(tmp_path, rng):
     import tensorflow as tf
     modules = [_projection_module(seed) for seed in range(3)]
-    paths = []
-    for i, module in enumerate(modules):
-        path = str(tmp_path / f"member{i}")
-        tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
-        paths.append(path)
+    paths = save_modules(modules, tmp_path, "member")
     out = str(tmp_path / "merged" / "1")
     merged = netfuse.merge(paths, out, mode="grouped")
     assert _graph_ops(merged.functions["prefixed"]).count("GroupedMatMul") == 3

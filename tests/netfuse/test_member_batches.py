@@ -6,7 +6,7 @@ import pytest
 
 from tfweave import netfuse
 
-from tests.netfuse.parity import assert_members_match
+from tests.netfuse.parity import assert_members_match, save_modules
 
 
 def _two_input_members(count=2):
@@ -64,14 +64,8 @@ def _reducing_paths(tmp_path, combined=("column_sum", "total", "rows")):
                        "rows": tf.shape(x)[0]}
             return {key: outputs[key] for key in ("y",) + tuple(combined)}
 
-    modules, paths = [], []
-    for seed in range(2):
-        module = Reducer(seed)
-        path = str(tmp_path / f"reducer{seed}")
-        tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
-        modules.append(module)
-        paths.append(path)
-    return modules, paths
+    modules = [Reducer(seed) for seed in range(2)]
+    return modules, save_modules(modules, tmp_path, "reducer")
 
 
 def test_outputs_without_a_batch_axis_are_never_computed_on_padded_rows(tmp_path, rng):
@@ -118,12 +112,7 @@ def test_merge_refuses_a_scalar_input_naming_it(tmp_path):
         def serve(self, x, temperature):
             return {"y": tf.matmul(x, self.w) / temperature}
 
-    paths = []
-    for seed in range(2):
-        module = Tempered(seed)
-        path = str(tmp_path / f"tempered{seed}")
-        tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
-        paths.append(path)
+    paths = save_modules([Tempered(seed) for seed in range(2)], tmp_path, "tempered")
     with pytest.raises(netfuse.MergeError, match=r"input 'temperature' is a scalar.*shape \[1\]"):
         netfuse.merge(paths)
 
@@ -163,13 +152,8 @@ def test_per_row_outputs_that_depend_on_the_other_rows_are_never_computed_on_pad
             return {"centred": y - tf.reduce_mean(y, 0),
                     "similarity": tf.matmul(y, y, transpose_b=True)}
 
-    modules, paths = [], []
-    for seed in range(2):
-        module = InBatch(seed)
-        path = str(tmp_path / f"inbatch{seed}")
-        tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
-        modules.append(module)
-        paths.append(path)
+    modules = [InBatch(seed) for seed in range(2)]
+    paths = save_modules(modules, tmp_path, "inbatch")
     merged = netfuse.merge(paths)
     xs = [rng.normal(size=(3, 3)).astype("float32"), rng.normal(size=(3, 3)).astype("float32")]
     with pytest.raises(netfuse.MergeError, match="'centred', 'similarity'.*same number of rows"):

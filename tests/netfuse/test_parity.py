@@ -6,7 +6,7 @@ import pytest
 from tfweave import netfuse
 from tfweave.netfuse import architectures as arch
 
-from tests.netfuse.parity import assert_members_match, member_outputs
+from tests.netfuse.parity import assert_members_match, member_outputs, save_modules
 
 
 def _members(build, count, offset=0):
@@ -175,12 +175,7 @@ def test_unsupported_op_on_per_model_tensor_names_op_and_node(tmp_path):
         def serve(self, x):
             return {"y": tf.linalg.inv(x + self.w)}
 
-    paths = []
-    for seed in range(2):
-        module = Inverter(seed)
-        path = str(tmp_path / f"inv{seed}")
-        tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
-        paths.append(path)
+    paths = save_modules([Inverter(seed) for seed in range(2)], tmp_path, "inv")
     with pytest.raises(netfuse.UnsupportedOpError) as caught:
         netfuse.merge(paths)
     assert caught.value.op == "MatrixInverse"
@@ -273,12 +268,7 @@ def test_tf_cond_on_per_model_tensors_is_refused_as_a_conditional_with_what_to_d
             y = tf.matmul(x, self.w)
             return {"y": tf.cond(tf.reduce_sum(y) > 0, lambda: y, lambda: -y)}
 
-    paths = []
-    for seed in range(2):
-        module = Gated(seed)
-        path = str(tmp_path / f"gated{seed}")
-        tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
-        paths.append(path)
+    paths = save_modules([Gated(seed) for seed in range(2)], tmp_path, "gated")
     with pytest.raises(netfuse.UnsupportedOpError, match=r"\(op Switch\): it is part of a "
                        r"tf.cond.*tf.where") as caught:
         netfuse.merge(paths)
