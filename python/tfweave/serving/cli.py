@@ -63,6 +63,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add("--model_config_file_poll_wait_seconds", type=int, default=0,
         help="re-read --model_config_file this often and apply a changed one (models added, "
              "removed or changed); 0: never (TF Serving's flag and default)")
+    add("--shutdown_grace_seconds", type=float, default=10.0,
+        help="on SIGTERM or SIGINT, new requests are refused at once and the ones already "
+             "received get this long to be answered before the server exits (default 10)")
     add("--quiet", action="store_true", help="log warnings only")
 
 
@@ -124,7 +127,8 @@ def build_options(args):
         model_warmup=args.enable_model_warmup,
         poll_wait_s=args.file_system_poll_wait_seconds,
         config_file=args.model_config_file,
-        config_poll_wait_s=args.model_config_file_poll_wait_seconds)
+        config_poll_wait_s=args.model_config_file_poll_wait_seconds,
+        shutdown_grace_s=max(0.0, args.shutdown_grace_seconds))
 
 
 def main(args) -> int:

@@ -191,6 +191,7 @@ class GrpcServer:
         self._host, self._requested_port = host, port
         self._max_request_bytes = max_request_bytes
         self._server = None
+        self._stopped = None   # the event grpc.Server.stop() returned
         self._pool = None
         self.port = None
 
@@ -218,10 +219,17 @@ class GrpcServer:
         self.port = port
         return port
 
+    def stopping(self, grace_s: float) -> None:
+        """Starts stop(): new calls are refused from now on; returns at once."""
+        if self._server is not None and self._stopped is None:
+            self._stopped = self._server.stop(grace_s)
+
     def stop(self, grace_s: float = 1.0) -> None:
+        """Refuses new calls at once and gives the calls in progress up to ``grace_s``."""
+        self.stopping(grace_s)
         if self._server is not None:
-            self._server.stop(grace_s).wait(grace_s + 5)
-            self._server = None
+            self._stopped.wait(grace_s + 5)
+            self._server, self._stopped = None, None
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None

@@ -168,7 +168,9 @@ def _make_handler(api: RestApi, timeout_s: float):
         def handle_one_request(self):
             # Idle until the next request's first byte: a connection waiting here may be
             # closed to admit a new one when the server is at its connection cap.
-            self.server.set_idle(self.connection, True)
+            if not self.server.set_idle(self.connection, True):   # the server is draining
+                self.close_connection = True
+                return
             try:
                 waiting = self.rfile.peek(1)
             except (OSError, ValueError):   # timed out, reset, or closed to admit another
@@ -276,6 +278,8 @@ def _make_handler(api: RestApi, timeout_s: float):
                 return
             has_body = (self.headers.get("Content-Length", "0") not in ("", "0")
                         or "Transfer-Encoding" in self.headers)
+            if self.server.draining:
+                self.close_connection = True   # answered; no further request on this one
             if body_state["error"] or (has_body and not body_state["read"]):
                 # An unread body would be parsed as the next request: close after answering.
                 self.close_connection = True
@@ -308,12 +312,16 @@ class RestServer(ThreadingHTTPServer):
         self._active_lock = threading.Lock()
         self._idle: set = set()   # sockets of connections waiting for their next request
         self.max_connections = max_connections
+        self.draining = False     # stopping: answer what has arrived, take nothing new
         super().__init__(address, handler)
 
     def set_idle(self, connection, idle: bool) -> bool:
-        """Marks a connection idle or busy; False if it was closed to admit another."""
+        """Marks a connection idle or busy; False if it was closed to admit another, or if
+        the server is draining (no next request)."""
         with self._active_lock:
             if idle:
+                if self.draining:
+                    return False
                 self._idle.add(connection)
                 return True
             if connection in self._idle:
@@ -350,6 +358,22 @@ class RestServer(ThreadingHTTPServer):
             return
         super().process_request(request, client_address)
 
+    def drain(self, timeout_s: float) -> int:
+        """Closes the connections waiting between requests and waits up to ``timeout_s`` for
+        the requests in progress to be answered; returns how many connections were left."""
+        with self._active_lock:
+            self.draining = True
+            idle, self._idle = list(self._idle), set()
+        for connection in idle:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        while self._active and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self._active
+
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
@@ -380,7 +404,13 @@ class HttpServer:
         self._thread.start()
         return self.port
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Stops taking connections, then gives the requests in progress up to ``grace_s``
+        to be answered."""
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+        left = self._server.drain(grace_s)
+        if left:
+            LOG.warning("REST: %d connections still busy after the %.0f s shutdown grace",
+                        left, grace_s)

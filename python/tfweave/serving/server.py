@@ -33,6 +33,9 @@ class ServerOptions:
     # --model_config_file and --model_config_file_poll_wait_seconds: re-read it this often
     config_file: str = ""
     config_poll_wait_s: float = 0.0
+    # On stop (SIGTERM): new requests are refused, those already in get this long to be
+    # answered before the models are closed
+    shutdown_grace_s: float = 10.0
     extra: dict = field(default_factory=dict)
 
 
@@ -150,11 +153,16 @@ class ModelServer:
             # a reload in progress may be draining the queues it retires (up to a minute)
             self._config_thread.join(timeout=self.manager.DRAIN_TIMEOUT_S + 10)
             self._config_thread = None
+        # Both front ends stop taking requests at once and answer the ones they hold (the
+        # batch queues still run) within the grace; only then are the models closed.
+        grace = self.options.shutdown_grace_s
+        if self._grpc is not None:
+            self._grpc.stopping(grace)
         if self._rest is not None:
-            self._rest.stop()
+            self._rest.stop(grace)
             self._rest = None
         if self._grpc is not None:
-            self._grpc.stop()
+            self._grpc.stop(grace)
             self._grpc = None
         self.manager.close()
 
