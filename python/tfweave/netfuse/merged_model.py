@@ -264,6 +264,14 @@ def _input_specs(reference, num_members: int, stacked: bool):
     return specs
 
 
+def _checked(value, condition, data, summarize=None):
+    """``value``, once the graph has asserted ``condition`` (else InvalidArgumentError with
+    ``data``): the checks below guard the members' rows before they are stacked or split."""
+    import tensorflow as tf
+    with tf.control_dependencies([tf.debugging.Assert(condition, data, summarize=summarize)]):
+        return tf.identity(value)
+
+
 def _checked_batches(per_member, input_names, input_shapes):
     """The members' input tensors, those with a fixed batch size checked at run time to have
     it or none: padding a smaller batch to the fixed size would mix in another member's rows."""
@@ -275,12 +283,10 @@ def _checked_batches(per_member, input_names, input_shapes):
             fixed = fixed_batch(input_shapes[name])
             if fixed is not None:
                 rows = tf.shape(tensor)[0]
-                check = tf.debugging.Assert(
-                    tf.logical_or(tf.equal(rows, 0), tf.equal(rows, fixed)),
+                tensor = _checked(
+                    tensor, tf.logical_or(tf.equal(rows, 0), tf.equal(rows, fixed)),
                     [_fixed_batch_message(prefixed_name(index, name), fixed) + "; rows sent:",
                      rows])
-                with tf.control_dependencies([check]):
-                    tensor = tf.identity(tensor)
             tensors.append(tensor)
         checked.append(tensors)
     return checked
@@ -296,13 +302,11 @@ def _member_sizes(per_member, input_names):
     sizes = rows[:, 0]
     if len(input_names) == 1:
         return sizes
-    check = tf.debugging.Assert(
-        tf.reduce_all(tf.equal(rows, sizes[:, None])),
+    return _checked(
+        sizes, tf.reduce_all(tf.equal(rows, sizes[:, None])),
         [f"each member's inputs must have the same number of rows; rows of "
          f"{', '.join(input_names)} per member:", rows],
         summarize=len(per_member) * len(input_names))
-    with tf.control_dependencies([check]):
-        return tf.identity(sizes)
 
 
 def _checked_unpadded(sizes, biggest, unpadded):
@@ -311,11 +315,9 @@ def _checked_unpadded(sizes, biggest, unpadded):
     import tensorflow as tf
     if not unpadded:
         return sizes
-    check = tf.debugging.Assert(
-        tf.reduce_all(tf.logical_or(tf.equal(sizes, 0), tf.equal(sizes, biggest))),
+    return _checked(
+        sizes, tf.reduce_all(tf.logical_or(tf.equal(sizes, 0), tf.equal(sizes, biggest))),
         [_unpadded_message(unpadded) + "; rows sent per member:", sizes])
-    with tf.control_dependencies([check]):
-        return tf.identity(sizes)
 
 
 def build_signature_functions(plan, lifter_factory, num_members: int, unpadded=()):

@@ -299,6 +299,14 @@ def _make_handler(api: RestApi, timeout_s: float):
     return Handler
 
 
+def _hang_up(connection) -> None:
+    """Ends a connection whose thread waits for its next request (the thread then leaves)."""
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class RestServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -341,10 +349,7 @@ class RestServer(ThreadingHTTPServer):
             if not over:
                 self._active += 1
         if evicted is not None:
-            try:
-                evicted.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _hang_up(evicted)
         if over:
             body = rest_json.error_body("too many open REST connections "
                                         f"(--rest_api_num_threads={self.max_connections})")
@@ -365,10 +370,7 @@ class RestServer(ThreadingHTTPServer):
             self.draining = True
             idle, self._idle = list(self._idle), set()
         for connection in idle:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _hang_up(connection)
         deadline = time.monotonic() + timeout_s
         while self._active and time.monotonic() < deadline:
             time.sleep(0.02)
