@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.serving import model_fixtures
 from tests.serving.model_fixtures import REPO
@@ -61,6 +62,15 @@ class ServerProcess:
         if not self._log.closed:   # stop() closes it; a failed start reads it afterwards
             self._log.flush()
         return self.log_path.read_text()
+
+    def queued_rows(self, model: str = "merged") -> int:
+        """Rows waiting in ``model``'s batch queues, read from the Prometheus page."""
+        page = requests.get(f"{self.rest}/monitoring/prometheus/metrics", timeout=30).text
+        prefix = f':tfweave:serving:queue_depth{{model_name="{model}"}}'
+        for line in page.splitlines():
+            if line.startswith(prefix):
+                return int(float(line.split()[-1]))
+        return 0
 
     def alive(self) -> bool:
         return self.process.poll() is None

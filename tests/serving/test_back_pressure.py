@@ -37,14 +37,6 @@ def _request(name, x):
     return request
 
 
-def _queue_depth(server) -> int:
-    page = requests.get(f"{server.rest}/monitoring/prometheus/metrics", timeout=30).text
-    for line in page.splitlines():
-        if line.startswith(':tfweave:serving:queue_depth{model_name="merged"}'):
-            return int(float(line.split()[-1]))
-    return 0
-
-
 def test_full_member_queue_rejects_promptly_then_recovers(server, reference):
     channel = grpc.insecure_channel(server.grpc)
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -52,7 +44,7 @@ def test_full_member_queue_rejects_promptly_then_recovers(server, reference):
     xs = [rng.standard_normal((3, IN_DIM)).astype(np.float32) for _ in range(2)]
     queued = [stub.Predict.future(_request("member0", x), timeout=60) for x in xs]
     deadline = time.monotonic() + 30
-    while _queue_depth(server) < 6:
+    while server.queued_rows() < 6:
         assert time.monotonic() < deadline, "the two requests never reached the queue"
         time.sleep(0.02)
 

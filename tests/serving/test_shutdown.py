@@ -18,14 +18,6 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tests.serving.model_fixtures import IN_DIM, write_text
 
 
-def _queued_rows(server) -> int:
-    page = requests.get(f"{server.rest}/monitoring/prometheus/metrics", timeout=30).text
-    for line in page.splitlines():
-        if line.startswith(':tfweave:serving:queue_depth{model_name="merged"}'):
-            return int(float(line.split()[-1]))
-    return 0
-
-
 def test_sigterm_answers_the_requests_already_received_then_exits(zoo, reference, start_server,
                                                                   tmp_path):
     # A batch that is not full waits 3 s: the requests below are still queued at SIGTERM.
@@ -54,7 +46,7 @@ num_batch_threads { value: 1 }
     poster = threading.Thread(target=post)
     poster.start()
     deadline = time.monotonic() + 30
-    while _queued_rows(server) < 4:
+    while server.queued_rows() < 4:
         assert time.monotonic() < deadline, "the two requests never reached the queue"
         time.sleep(0.02)
 
