@@ -12,7 +12,9 @@ needs tfweave's op library where the model is served).
 Cells: a small encoder (L=4, H=256, seq 8) at N = 1/4/8/16/32 and batch 1/4/16; BERT-base
 (L=12, H=768, seq 16) at N = 4/8 and Keras ResNet-50 (224x224) at N = 4/8 (batched convs) and
 N = 4 (grouped convs), batch 1, to stay within the time budget. Memory: the merged
-model's weight bytes vs the N members' own. The small-encoder N=32 batch-1 cell also reports
+model's weight bytes vs the N members' own, and the peak memory of loading and running the
+merged model vs the N separate SavedModels, each in a fresh process (``benchmarks.memory``;
+small encoder at N = 1/8/32, BERT-base at N = 8). The small-encoder N=32 batch-1 cell also reports
 the run time over the memory-bandwidth bound (N x weight bytes / measured read bandwidth),
 through the prefixed signature and through the stacked one (the same lifted graph, inputs
 already stacked [N, B, ...], as a server that batches them hands it over). The read bandwidth
@@ -29,6 +31,7 @@ import gc
 import logging
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -266,6 +269,54 @@ def _stacked_seconds(merged, feeds, repeats) -> float:
     return float(np.median(times))
 
 
+def _peak_memory(report, label, models, frozen, counts, length, modes=("merged",)):
+    """Peak memory of serving the first ``count`` members merged vs separately: each side
+    loaded and run once on one row in a fresh process (``benchmarks.memory``), measured as the
+    growth of its peak resident memory over a process with TensorFlow up and running."""
+    import shutil
+    import tempfile
+
+    from benchmarks.memory import peak_memory
+    from tfweave import netfuse
+    member_bytes = _weight_bytes(models[0])
+    root = Path(tempfile.mkdtemp(prefix="tfweave-bench-memory-"))
+    try:
+        paths = []
+        for i, model in enumerate(models[:max(counts)]):
+            paths.append(str(root / f"member{i:02d}" / "1"))
+            model.export(paths[-1], verbose=False)
+        for count in counts:
+            separate = peak_memory(paths[:count], length)
+            weights = count * member_bytes
+            for name in modes:
+                out = root / f"merged-{CANDIDATES[name]}-{count}" / "1"
+                netfuse.merge(frozen[:count], str(out), mode=CANDIDATES[name], warmup=False)
+                merged = peak_memory([str(out)], length)
+                shutil.rmtree(out.parent)
+                extra = {"merged_peak_mib": round(merged["peak_growth_bytes"] / 2**20, 1),
+                         "merged_after_load_mib": round(merged["load_growth_bytes"] / 2**20, 1),
+                         "separate_peak_mib": round(separate["peak_growth_bytes"] / 2**20, 1),
+                         "separate_after_load_mib":
+                             round(separate["load_growth_bytes"] / 2**20, 1),
+                         "weights_mib": round(weights / 2**20, 1)}
+                LOG.info("%s N=%d peak memory: %s %.0f MiB, separate %.0f MiB, weights %.0f "
+                         "MiB", label, count, name, extra["merged_peak_mib"],
+                         extra["separate_peak_mib"], extra["weights_mib"])
+                report.add(ratio_row(
+                    f"{label}/N={count}/peak-memory", candidate_name=name,
+                    baseline_name="separate", higher_is_better=False,
+                    candidate_value=float(merged["peak_growth_bytes"]),
+                    baseline_value=float(separate["peak_growth_bytes"]),
+                    target=round(1 / 1.1, 3), extra=extra))
+                report.add(ratio_row(
+                    f"{label}/N={count}/peak-memory-vs-weights", candidate_name=name,
+                    baseline_name="N members' weight bytes", higher_is_better=False,
+                    candidate_value=float(merged["peak_growth_bytes"]),
+                    baseline_value=float(weights), extra=extra))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _encoder_specs():
     import tensorflow as tf
     return {"token_ids": tf.TensorSpec([None, None], tf.int32),
@@ -302,6 +353,8 @@ def _small_encoder(report, quick, bandwidth):
                                                                 [by_count[n][1] for n in xs])
     report.plot("speedup_vs_n", series, xlabel="merged models N", ylabel="speedup (x)",
                 title="NetFuse, small encoder (L=4, H=256, seq 8)", logx=True)
+    _peak_memory(report, "encoder-L4-H256-seq8", models, frozen, [1, 4] if quick else [1, 8, 32],
+                 8, modes=("merged", "merged (grouped)"))
     del models, frozen
     gc.collect()
 
@@ -318,6 +371,7 @@ def _bert_base(report, quick):
     _cells(report, label, models, frozen, {}, counts, [1],
            lambda rng, b: _token_feed(rng, b, 16, config["vocab"]), _encoder_specs(),
            ["token_ids", "padding_mask"], repeats=3 if quick else 5)
+    _peak_memory(report, label, models, frozen, counts[-1:], 16)
     del models, frozen
     gc.collect()
 
@@ -381,7 +435,13 @@ def run(report, quick: bool) -> None:
         "wider convs one Conv2D per member in the same graph), which is the faster one on CPU.")
     report.notes.append(
         "weights rows: ratio = N separate models' weight bytes / merged weight bytes (>= 0.91 "
-        "means the merged model needs at most 1.1x); activations are transient and not counted.")
+        "means the merged model needs at most 1.1x); activations are transient and not counted. "
+        "peak-memory rows: each side loaded and run once on one row in a fresh process "
+        "(python -m benchmarks.memory), measured as the growth of its peak resident memory "
+        "over a process with TensorFlow up and running; ratio = separate / merged (>= 0.91 "
+        "means merged <= 1.1x). peak-memory-vs-weights rows: N members' weight bytes / the "
+        "merged process's growth, which also holds what any loaded model costs beyond its "
+        "weights (its graphs, its functions' first run).")
     if quick:
         report.notes.append("quick run: fewer cells, BERT-base cut to 1 layer and a 2k "
                             "vocabulary, a small ResNet-style CNN instead of ResNet-50; a "
