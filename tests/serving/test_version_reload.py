@@ -472,3 +472,47 @@ def test_a_config_naming_a_model_not_there_yet_applies_once_its_directory_appear
                                    numpy_logits(weights[name], x), rtol=1e-4, atol=1e-5)
     assert server.log().count("was not applied") == 1   # logged once, retried quietly
     assert server.alive()
+
+
+@pytest.mark.parametrize("text", ["", "model_config_list {}\n"])
+def test_a_server_started_with_no_models_takes_them_from_a_reload(start_server, tmp_path, text):
+    """TF Serving starts on a config file that lists no models (or sets no config) and serves
+    what a reload adds; a reload to an empty list unloads every model; a config that sets
+    nothing is refused once one is served."""
+    from tensorflow_serving.apis import model_management_pb2
+
+    weights = member_weights(61)
+    os.makedirs(tmp_path / "a")
+    publish(lambda p: write_member(p, weights), str(tmp_path / "a"), 1)
+    path = tmp_path / "models.config"
+    path.write_text(text)
+    server = start_server(["--model_config_file", str(path)])
+    channel = grpc.insecure_channel(server.grpc)
+    model_stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    x = RNG.standard_normal((2, IN_DIM)).astype(np.float32)
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Predict(predict_request("a", x), timeout=30)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert requests.get(f"{server.rest}/v1/models/a", timeout=30).status_code == 404
+
+    request = model_management_pb2.ReloadConfigRequest()
+    request.config.CopyFrom(_model_config(("a", str(tmp_path / "a"), "tensorflow")))
+    model_stub.HandleReloadConfigRequest(request, timeout=120)
+    response = stub.Predict(predict_request("a", x), timeout=30)
+    np.testing.assert_allclose(tf.make_ndarray(response.outputs["logits"]),
+                               numpy_logits(weights, x), rtol=1e-4, atol=1e-5)
+
+    request = model_management_pb2.ReloadConfigRequest()   # sets no config: refused
+    with pytest.raises(grpc.RpcError) as error:
+        model_stub.HandleReloadConfigRequest(request, timeout=120)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert stub.Predict(predict_request("a", x), timeout=30).outputs["logits"]
+
+    request.config.model_config_list.SetInParent()          # an empty list: nothing served
+    model_stub.HandleReloadConfigRequest(request, timeout=120)
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Predict(predict_request("a", x), timeout=30)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    channel.close()
+    assert server.alive()

@@ -106,7 +106,7 @@ def build_options(args):
     if args.model_config_file and args.model_base_path:
         raise ConfigError("give either --model_config_file or --model_base_path, not both")
     if args.model_config_file:
-        entries = parse_model_server_config(args.model_config_file)
+        entries = parse_model_server_config(args.model_config_file, first_config=True)
     elif args.model_base_path:
         entries = entries_for_base_path(args.model_name, args.model_base_path)
     else:

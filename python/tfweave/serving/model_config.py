@@ -58,8 +58,12 @@ class ModelEntry:
     version_labels: dict[str, int] = field(default_factory=dict)
 
 
-def parse_model_server_config(path: str) -> list[ModelEntry]:
-    """Reads a text-proto ModelServerConfig into entries, validating what can be checked early."""
+def parse_model_server_config(path: str, *, first_config: bool = False) -> list[ModelEntry]:
+    """Reads a text-proto ModelServerConfig into entries, validating what can be checked early.
+
+    As in TF Serving, an empty ``model_config_list`` means no models, and so does a file that
+    sets no config at all while the server has none yet (``first_config``: at start-up, or
+    until one is set); a server that serves a config keeps it when the file loses it."""
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
@@ -74,12 +78,15 @@ def parse_model_server_config(path: str) -> list[ModelEntry]:
         text_format.Parse(text, config)
     except text_format.ParseError as error:
         raise ConfigError(f"{path}: not a ModelServerConfig text proto: {error}") from error
+    if first_config and config.WhichOneof("config") is None:
+        return []
     return entries_from_config(config, path)
 
 
 def entries_from_config(config, where: str) -> list[ModelEntry]:
     """A ModelServerConfig proto (from a file, or a ReloadConfigRequest) as entries; errors
-    name ``where``."""
+    name ``where``. An empty model_config_list is no models (a reload to it unloads them all,
+    as TF Serving's does)."""
     path = where
     if config.WhichOneof("config") != "model_config_list":
         raise ConfigError(f"{path}: expected a model_config_list (custom_model_config is not "
@@ -113,8 +120,6 @@ def entries_from_config(config, where: str) -> list[ModelEntry]:
                 1, model.model_version_policy.latest.num_versions))
         entries.append(ModelEntry(name=model.name, base_path=model.base_path, platform=platform,
                                   policy=policy, version_labels=dict(model.version_labels)))
-    if not entries:
-        raise ConfigError(f"{path}: the model_config_list is empty")
     return entries
 
 

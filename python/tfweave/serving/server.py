@@ -135,7 +135,8 @@ class ModelServer:
             if text == applied[0]:
                 return
             try:
-                self.manager.reload_config(parse_model_server_config(path))
+                self.manager.reload_config(parse_model_server_config(
+                    path, first_config=not self.manager.entries))
             except ConfigError as error:
                 if text != failed[0]:   # logged once per text, not once per poll
                     LOG.error("%s changed but was not applied (the old config keeps serving; "
