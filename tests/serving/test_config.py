@@ -129,6 +129,8 @@ def test_cli_refuses_bad_flags_with_exit_code_2(tmp_path):
      "--rest_api_num_threads 0"),
     (["--port", "0", "--rest_api_port", "0", "--max_request_bytes", "-5"],
      "--max_request_bytes -5"),
+    (["--port", "0", "--rest_api_port", "0", "--backend", "grpc://127.0.0.1:99999"],
+     "--backend grpc://127.0.0.1:99999: port 99999 is not between 1 and 65535"),
 ])
 def test_cli_refuses_impossible_ports_and_limits_before_serving(tmp_path, flags, words):
     # gRPC would bind --port 70000 as port 4464 and REST would die with a traceback: each must

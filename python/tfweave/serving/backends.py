@@ -276,5 +276,7 @@ def make_backend(spec: str, *, intra_op_threads: int = 0, inter_op_threads: int 
         host, _, port = target.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"--backend {spec}: expected grpc://HOST:PORT")
+        if not 1 <= int(port) <= 65535:
+            raise ValueError(f"--backend {spec}: port {port} is not between 1 and 65535")
         return GrpcBackend(target)
     raise ValueError(f"--backend {spec}: expected 'embedded' or grpc://HOST:PORT")
