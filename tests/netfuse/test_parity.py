@@ -273,3 +273,48 @@ def test_tf_cond_on_per_model_tensors_is_refused_as_a_conditional_with_what_to_d
                        r"tf.cond.*tf.where") as caught:
         netfuse.merge(paths)
     assert "cond" in caught.value.node
+
+
+def _decoder(seed, upsample):
+    import keras
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((8, 8, 3), name="image")
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(x)
+    if upsample == "transpose":
+        h = keras.layers.Conv2DTranspose(5, 3, strides=2, padding="same")(h)
+    elif upsample == "bilinear":
+        h = keras.layers.UpSampling2D(2, interpolation="bilinear")(h)
+    else:   # Resizing: ResizeBicubic / ResizeArea
+        h = keras.layers.Resizing(12, 10, interpolation=upsample)(h)
+    return keras.Model(x, keras.layers.Conv2D(2, 1)(h))
+
+
+@pytest.mark.parametrize("mode", ["stock", "grouped", "ragged"])
+@pytest.mark.parametrize("upsample", ["transpose", "bilinear", "bicubic", "area"])
+def test_decoder_upsampling_merges_and_matches_members(upsample, mode, rng):
+    # Conv2DBackpropInput one op per member (its output shape each member's own, an empty
+    # member included); image resizes with the members folded into the batch.
+    models = [_decoder(seed, upsample) for seed in range(3)]
+    merged = netfuse.merge(models, mode=mode)
+    inputs = [_image(rng, b, 8) for b in (2, 1, 3)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(3)}), inputs)
+    assert_members_match(models, merged.run({0: inputs[0], 2: inputs[2]}), inputs)
+
+
+@pytest.mark.parametrize("mode", ["stock", "ragged"])
+def test_volumetric_convolutions_merge_and_match_members(mode, rng):
+    # Conv3D and Conv3DBackpropInputV2 (no grouped form on CPU: one op per member), MaxPool3D
+    import keras
+
+    def member(seed):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((6, 6, 6, 2), name="volume")
+        h = keras.layers.Conv3D(4, 3, padding="same", activation="relu")(x)
+        h = keras.layers.MaxPooling3D(2)(h)
+        h = keras.layers.Conv3DTranspose(3, 3, strides=2, padding="same")(h)
+        return keras.Model(x, keras.layers.GlobalAveragePooling3D()(h))
+
+    models = [member(seed) for seed in range(2)]
+    merged = netfuse.merge(models, mode=mode)
+    inputs = [{"volume": rng.normal(size=(b, 6, 6, 6, 2)).astype("float32")} for b in (1, 2)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(2)}), inputs)

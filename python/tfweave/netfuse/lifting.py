@@ -881,8 +881,8 @@ def _matmul_like_einsum(tx: str, tw: str, out: str) -> int:
     return 0
 
 
-def _data_format(node) -> str:
-    return node.attr["data_format"].s.decode() if "data_format" in node.attr else "NHWC"
+def _data_format(node, default: str = "NHWC") -> str:
+    return node.attr["data_format"].s.decode() if "data_format" in node.attr else default
 
 
 def _conv_filter_to_grouped(n):
@@ -970,6 +970,33 @@ def _depthwise(lx, node, ins):
         return [Value(CHANNELS, lx.clone(node, [xc, lx.weight(f, "depthwise", transform)])[0])]
     out = lx.clone(node, [lx.fold(lx.stacked(x)), lx.shared(f)])[0]
     return [Value(STACKED, lx.unfold(out))]
+
+
+@rule("Conv3D")
+def _conv3d(lx, node, ins):
+    # TensorFlow's CPU Conv3D has no grouped form: per-model filters run one op per member.
+    x, f = ins
+    if _data_format(node, "NDHWC") != "NDHWC":
+        raise UnsupportedOpError(node.op, node.name, "only NDHWC convolutions are merged")
+    if f.per_model:
+        if f.kind != MODEL_CONST:
+            raise UnsupportedOpError(node.op, node.name, "filters computed from inputs")
+        return per_member(lx, node, ins)
+    out = lx.clone(node, [lx.fold(lx.stacked(x)), lx.shared(f)])[0]
+    return [Value(STACKED, lx.unfold(out))]
+
+
+@rule("Conv2DBackpropInput", "Conv3DBackpropInputV2")
+def _conv_transpose(lx, node, ins):
+    """Keras's Conv2DTranspose / Conv3DTranspose: one op per member (no grouped form on CPU).
+    The output shape is a member's own ([B, H, W, C] from the Shape rule), as each op is."""
+    sizes, f, dy = ins
+    _require_shared(node, sizes, "output shape")
+    if not _data_format(node).endswith("C"):
+        raise UnsupportedOpError(node.op, node.name, "only channels-last convolutions are merged")
+    if f.per_model and f.kind != MODEL_CONST:
+        raise UnsupportedOpError(node.op, node.name, "filters computed from inputs")
+    return per_member(lx, node, ins)
 
 
 @rule("SpaceToBatchND", "BatchToSpaceND")
@@ -1072,12 +1099,20 @@ class _FakeNode:
         self.attr = {"T": dtype_attr}
 
 
-@rule("MaxPool", "AvgPool", "MaxPoolV2", "MaxPool3D", "AvgPool3D")
+# Image resampling: each image and channel on its own, no weights (Keras's Resizing and
+# UpSampling2D(interpolation="bilinear"); ScaleAndTranslate is tf.image.resize's antialiased form).
+RESIZE_OPS = ("ResizeBilinear", "ResizeNearestNeighbor", "ResizeBicubic", "ResizeArea",
+              "ScaleAndTranslate")
+
+
+@rule("MaxPool", "AvgPool", "MaxPoolV2", "MaxPool3D", "AvgPool3D", *RESIZE_OPS)
 def _pool(lx, node, ins):
+    """Spatial ops on each image alone, with no weights: the members' images fold into the
+    batch, or keep the channel layout."""
     x = ins[0]
-    extra = [lx.shared(v) for v in ins[1:]]  # MaxPoolV2's ksize/strides
+    extra = [lx.shared(v) for v in ins[1:]]  # MaxPoolV2's ksize/strides, a resize's size
     if any(v.per_model for v in ins[1:]):
-        raise UnsupportedOpError(node.op, node.name, "pool sizes differ between members")
+        raise UnsupportedOpError(node.op, node.name, "its sizes differ between the members")
     if x.kind in (CHANNELS, MEMBERS) and _data_format(node).endswith("C") and lx.use_channels:
         return [Value(CHANNELS, lx.clone(node, [lx.channels(x)] + extra)[0])]
     out = lx.clone(node, [lx.fold(lx.stacked(x))] + extra)[0]

@@ -145,11 +145,11 @@ def _same_rows(lx, node, ins):
     return [ragged(t, sizes_of(like)) for t in outs]
 
 
-from tfweave.netfuse.lifting import BINARY_OPS, UNARY_OPS  # noqa: E402
+from tfweave.netfuse.lifting import BINARY_OPS, RESIZE_OPS, UNARY_OPS  # noqa: E402
 
 
 @ragged_rule(*UNARY_OPS, "Bitcast", "Softmax", "LogSoftmax", "MaxPool", "AvgPool",
-             "MaxPool3D", "AvgPool3D", "MaxPoolV2")
+             "MaxPool3D", "AvgPool3D", "MaxPoolV2", *RESIZE_OPS)
 def _unchanged_rows(lx, node, ins):
     return _same_rows(lx, node, ins)
 
@@ -375,19 +375,28 @@ def _einsum_as_grouped_matmul(lx, node, x, w, contracted: int):
     return [ragged(out, sizes_of(x))]
 
 
-def _split_per_member(lx, node, ins):
+def _split_per_member(lx, node, ins, output_shape: int | None = None):
     """Ops with per-model weights and no batched form (convolutions, projections by weights
-    GroupedMatMul does not take): one op per member on its rows, results concatenated back."""
+    GroupedMatMul does not take): one op per member on its rows, results concatenated back.
+    ``output_shape``: the position of an input that is the op's output shape (a transposed
+    convolution's), whose batch size becomes each member's own row count."""
     import tensorflow as tf
     like = _first_ragged(ins)
     n = lx.n
     # Convolution kernels on an empty batch return their input unchanged (wrong shape), so
     # each member's rows get one zero row appended, sliced off after the op.
-    pad_row = node.op in ("Conv2D", "DepthwiseConv2dNative")
+    pad_row = node.op in CONVOLUTIONS
     sizes = sizes_of(like)
     slices = []
-    for v in ins:
-        if v.kind == RAGGED:
+    for position, v in enumerate(ins):
+        if position == output_shape:
+            if v.kind != SHARED:
+                raise UnsupportedOpError(node.op, node.name,
+                                         "its output shape differs between the members")
+            full = lx.shared(v)
+            rows = tf.cast(sizes, full.dtype) + int(pad_row)
+            slices.append([tf.concat([rows[m:m + 1], full[1:]], 0) for m in range(n)])
+        elif v.kind == RAGGED:
             parts = tf.split(v.tensor, sizes, num=n, axis=0)
             if pad_row:
                 parts = [tf.concat([p, tf.zeros(tf.concat([[1], tf.shape(p)[1:]], 0), p.dtype)],
@@ -407,7 +416,16 @@ def _split_per_member(lx, node, ins):
     return result
 
 
-@ragged_rule("Conv2D", "DepthwiseConv2dNative", "SpaceToBatchND", "BatchToSpaceND")
+CONVOLUTIONS = ("Conv2D", "DepthwiseConv2dNative", "Conv3D", "Conv2DBackpropInput",
+                "Conv3DBackpropInputV2")
+
+
+@ragged_rule("Conv2DBackpropInput", "Conv3DBackpropInputV2")
+def _conv_transpose(lx, node, ins):
+    return _split_per_member(lx, node, ins, output_shape=0)
+
+
+@ragged_rule("Conv2D", "DepthwiseConv2dNative", "Conv3D", "SpaceToBatchND", "BatchToSpaceND")
 def _conv(lx, node, ins):
     if all(v.kind in (RAGGED, SHARED) for v in ins):
         if node.op in ("SpaceToBatchND", "BatchToSpaceND"):
