@@ -10,8 +10,10 @@ member's own batch: the stock merge ("merged"), and on the small encoder at batc
 needs tfweave's op library where the model is served).
 
 Cells: a small encoder (L=4, H=256, seq 8) at N = 1/4/8/16/32 and batch 1/4/16; BERT-base
-(L=12, H=768, seq 16) at N = 4/8 and Keras ResNet-50 (224x224) at N = 4/8 (batched convs) and
-N = 4 (grouped convs), batch 1, to stay within the time budget. Memory: the merged
+(L=12, H=768, seq 16) at N = 1/4 with batch 1/4/16 and N = 8 with batch 1/4 (N = 16 and 32
+would not fit in 24 GiB); Keras ResNet-50 (224x224, batched convs) at N = 1/4/8/16/32, batch 1,
+plus batch 4 at N <= 8 and batch 16 at N <= 4 (32 sequential runs of 16 images take ~20 s a
+repeat), and with grouped convs at N = 4, batch 1. Memory: the merged
 model's weight bytes vs the N members' own, and the peak memory of loading and running the
 merged model vs the N separate SavedModels, each in a fresh process (``benchmarks.memory``;
 small encoder at N = 1/8/32, BERT-base at N = 8). The small-encoder N=32 batch-1 cell also reports
@@ -160,12 +162,17 @@ def _check_parity(merged, baselines, feeds):
 def _cells(report, label, models, frozen, merge_kwargs, counts, batches, make_feed, specs,
            input_names, repeats, bandwidth=None, targets=None, flops=None,
            candidates=None):
-    """``candidates``: {row label: batches} for the merge modes in CANDIDATES (default: the
+    """``batches``: the per-member batch sizes, or {N: batch sizes} where they depend on N.
+    ``candidates``: {row label: batches} for the merge modes in CANDIDATES (default: the
     stock merge at every batch)."""
     from tfweave import netfuse
     rng = np.random.default_rng(0)
     member_bytes = _weight_bytes(models[0])
-    candidates = candidates or {"merged": batches}
+
+    def batches_at(count):
+        return batches[count] if isinstance(batches, dict) else batches
+
+    candidates = candidates or {"merged": sorted({b for c in counts for b in batches_at(c)})}
     speedups: dict[str, dict[int, dict[int, tuple[float, float]]]] = {}
     for count in counts:
         baselines = _Baselines(models[:count], input_names, specs)
@@ -175,7 +182,7 @@ def _cells(report, label, models, frozen, merge_kwargs, counts, batches, make_fe
             merged = netfuse.merge(frozen[:count], mode=CANDIDATES[name], **merge_kwargs)
             merges[name] = (merged, time.perf_counter() - start)
             LOG.info("%s N=%d: %s in %.1f s", label, count, name, merges[name][1])
-        for batch in batches:
+        for batch in batches_at(count):
             feeds = [make_feed(rng, batch) for _ in range(count)]
             for name, (merged, merge_s) in merges.items():
                 if batch in candidates[name]:
@@ -362,13 +369,16 @@ def _small_encoder(report, quick, bandwidth):
 def _bert_base(report, quick):
     from tfweave.netfuse import architectures as arch
     from tfweave.netfuse.sources import freeze_member
-    counts = [2] if quick else [4, 8]
+    # N = 16 and 32 are left out: the members, their frozen graphs and the merged model
+    # (440 MB each per member) would not fit in this machine's 24 GiB.
+    counts = [2] if quick else [1, 4, 8]
+    batches = {2: [1]} if quick else {1: [1, 4, 16], 4: [1, 4, 16], 8: [1, 4]}
     config = dict(BERT_BASE, layers=1, vocab=2000) if quick else BERT_BASE
     label = "bert-base-L1-vocab2k(quick)-seq16" if quick else "bert-base-seq16"
     models = [arch.perturb(arch.bert_encoder(seed, **config), seed)
               for seed in range(max(counts))]
     frozen = [freeze_member(m, i) for i, m in enumerate(models)]
-    _cells(report, label, models, frozen, {}, counts, [1],
+    _cells(report, label, models, frozen, {}, counts, batches,
            lambda rng, b: _token_feed(rng, b, 16, config["vocab"]), _encoder_specs(),
            ["token_ids", "padding_mask"], repeats=3 if quick else 5)
     _peak_memory(report, label, models, frozen, counts[-1:], 16)
@@ -381,7 +391,10 @@ def _resnet50(report, quick):
     import tensorflow as tf
     from tfweave.netfuse.sources import freeze_member
     from tfweave.netfuse import architectures as arch
-    counts = [2] if quick else [4, 8]
+    counts = [2] if quick else [1, 4, 8, 16, 32]
+    # larger batches at small N only: 32 sequential ResNet-50 runs of 16 images take ~20 s
+    batches = {2: [1]} if quick else {1: [1, 4, 16], 4: [1, 4, 16], 8: [1, 4], 16: [1],
+                                      32: [1]}
     size = 32 if quick else 224
     models = []
     for seed in range(max(counts)):
@@ -394,10 +407,11 @@ def _resnet50(report, quick):
     specs = {name: tf.TensorSpec([None, size, size, 3], tf.float32)}
     label = "resnet-small(quick)" if quick else "resnet50"
     for strategy in ("batched", "grouped"):
-        # grouped is the paper's GPU formulation; on this CPU one cell shows its cost
-        cells = counts if strategy == "batched" or quick else counts[:1]
+        # grouped is the paper's GPU formulation; on this CPU one cell (N=4) shows its cost
+        cells = counts if strategy == "batched" or quick else [4]
         _cells(report, f"{label}-{strategy}-conv", models, frozen,
-               {"conv_strategy": strategy}, cells, [1],
+               {"conv_strategy": strategy}, cells,
+               batches if strategy == "batched" else {c: [1] for c in cells},
                lambda rng, b: _image_feed(rng, b, name, size), specs, [name],
                repeats=3 if quick else 5)
     del models, frozen
