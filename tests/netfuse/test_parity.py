@@ -318,3 +318,23 @@ def test_volumetric_convolutions_merge_and_match_members(mode, rng):
     merged = netfuse.merge(models, mode=mode)
     inputs = [{"volume": rng.normal(size=(b, 6, 6, 6, 2)).astype("float32")} for b in (1, 2)]
     assert_members_match(models, merged.run({i: inputs[i] for i in range(2)}), inputs)
+
+
+@pytest.mark.parametrize("mode", ["stock", "grouped"])
+@pytest.mark.parametrize("layer", ["GRU", "LSTM", "SimpleRNN"])
+def test_unrolled_rnn_layers_merge_and_match_members(layer, mode, rng):
+    # unroll=True leaves no while loop: the time steps are plain ops over a fixed length (the
+    # advice the while-loop refusal gives)
+    import keras
+
+    def member(seed):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((5, 3), name="sequence")
+        rnn = getattr(keras.layers, layer)
+        h = rnn(4, unroll=True, return_sequences=True)(x)
+        return keras.Model(x, keras.layers.Dense(2)(rnn(3, unroll=True)(h)))
+
+    models = [member(seed) for seed in range(2)]
+    merged = netfuse.merge(models, mode=mode)
+    inputs = [{"sequence": rng.normal(size=(b, 5, 3)).astype("float32")} for b in (3, 1)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(2)}), inputs)

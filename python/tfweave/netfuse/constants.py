@@ -57,7 +57,8 @@ def require_no_loops(member, reachable) -> None:
             raise UnsupportedOpError(
                 nodes[name].op, name, f"it is part of a while loop in {member.name} (an RNN "
                 "layer such as LSTM, GRU or SimpleRNN, or tf.while_loop); NetFuse does not "
-                "merge while loops")
+                "merge while loops, but an RNN layer built with unroll=True (for inputs of a "
+                "fixed length) has none and merges in the stock and grouped modes")
 
 
 def constant_nodes(member, reachable) -> set[str]:
