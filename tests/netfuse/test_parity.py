@@ -338,3 +338,38 @@ def test_unrolled_rnn_layers_merge_and_match_members(layer, mode, rng):
     merged = netfuse.merge(models, mode=mode)
     inputs = [{"sequence": rng.normal(size=(b, 5, 3)).astype("float32")} for b in (3, 1)]
     assert_members_match(models, merged.run({i: inputs[i] for i in range(2)}), inputs)
+
+
+def _vit_like(seed):
+    """Patches, a learned class token broadcast to the batch and concatenated in front, a
+    position embedding, attention, the class token's row classified."""
+    import keras
+
+    class ClassToken(keras.layers.Layer):
+        def build(self, shape):
+            self.token = self.add_weight(shape=(1, 1, shape[-1]), initializer="normal")
+            self.position = self.add_weight(shape=(1, shape[1] + 1, shape[-1]),
+                                            initializer="normal")
+
+        def call(self, patches):
+            batch, width = keras.ops.shape(patches)[0], patches.shape[-1]
+            token = keras.ops.broadcast_to(self.token, (batch, 1, width))
+            return keras.ops.concatenate([token, patches], axis=1) + self.position
+
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((8, 8, 3), name="image")
+    patches = keras.layers.Reshape((4, 16))(keras.layers.Conv2D(16, 4, strides=4)(x))
+    h = ClassToken()(patches)
+    h = keras.layers.LayerNormalization()(h + keras.layers.MultiHeadAttention(2, 8)(h, h))
+    return keras.Model(x, keras.layers.Dense(3)(h[:, 0]))
+
+
+@pytest.mark.parametrize("mode", ["stock", "grouped", "ragged"])
+def test_class_token_broadcast_to_the_batch_merges_and_matches_members(mode, rng):
+    # In ragged mode the broadcast token has the rows' count on its batch axis: each row must
+    # take its own member's token, an absent member's included.
+    models = [_vit_like(seed) for seed in range(3)]
+    merged = netfuse.merge(models, mode=mode)
+    inputs = [_image(rng, b, 8) for b in (2, 1, 3)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(3)}), inputs)
+    assert_members_match(models, merged.run({0: inputs[0], 2: inputs[2]}), inputs)

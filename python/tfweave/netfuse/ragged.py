@@ -105,10 +105,21 @@ def _per_row(lx, node, v: Value, like: Value, rank: int):
     else:
         stacked = lx.stacked(v)
     static = _static(stacked.shape)
-    if static[1] != 1:
-        raise UnsupportedOpError(node.op, node.name,
-                                 "a per-model operand with its own batch axis (ragged mode)")
-    return tf.gather(tf.squeeze(stacked, 1), _segment_ids(lx, sizes_of(like)))
+    if static[1] == 1:
+        return tf.gather(tf.squeeze(stacked, 1), _segment_ids(lx, sizes_of(like)))
+    # A per-model value with a batch axis of its own: a weight broadcast to the batch (a ViT's
+    # class token), whose batch axis the ragged rows' Shape made T long. Row r is the row of
+    # member segment(r), so each member gets its own rows, as in its own run.
+    rows = tf.shape(like.tensor)[0]
+    own_rows = tf.shape(stacked)[1]
+    with tf.control_dependencies([tf.debugging.Assert(
+            tf.logical_or(tf.equal(own_rows, rows), tf.equal(own_rows, 1)),
+            [f"NetFuse ragged mode: {node.name} ({node.op}) combines the rows with a per-model "
+             "operand of another batch size:", own_rows, rows])]):
+        column = tf.where(tf.equal(own_rows, 1), tf.zeros([rows], tf.int32),
+                          tf.range(rows, dtype=tf.int32))
+    index = tf.stack([_segment_ids(lx, sizes_of(like)), column], axis=1)
+    return tf.gather_nd(stacked, index)
 
 
 def _normalize(axis: int, rank: int) -> int:
