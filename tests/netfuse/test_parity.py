@@ -256,6 +256,20 @@ def test_keras_argmax_output_merges_and_matches_members(mode, rng):
     assert_members_match(models, merged.run({i: inputs[i] for i in range(2)}), inputs)
 
 
+@pytest.mark.parametrize("mode", ["stock", "ragged"])
+def test_top_k_values_and_indices_merge_and_match_members(mode, rng):
+    import keras
+    models = []
+    for seed in range(2):
+        keras.utils.set_random_seed(seed)
+        features = keras.Input((6,), name="features")
+        values, indices = keras.ops.top_k(keras.layers.Dense(8)(features), 3)
+        models.append(keras.Model(features, [values, indices]))
+    merged = netfuse.merge(models, mode=mode)
+    inputs = [{"features": rng.normal(size=(b, 6)).astype("float32")} for b in (3, 2)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(2)}), inputs)
+
+
 def test_tf_cond_on_per_model_tensors_is_refused_as_a_conditional_with_what_to_do(tmp_path):
     import tensorflow as tf
 

@@ -1140,6 +1140,16 @@ def _axis_op(lx, node, ins):
     return [Value(STACKED, lx.clone(node, [lx.stacked(x), lx.shared(shifted)])[0])]
 
 
+@rule("TopKV2", "TopK")
+def _top_k(lx, node, ins):
+    # along the last axis, which is never the model axis: both outputs keep it in front
+    x, *k = ins
+    for v in k:
+        _require_shared(node, v, "k")
+    return [Value(STACKED, t) for t in lx.clone(node, [lx.stacked(x)] + [lx.shared(v)
+                                                                        for v in k])]
+
+
 @rule("Softmax", "LogSoftmax")
 def _softmax(lx, node, ins):
     return [Value(STACKED, lx.clone(node, [lx.stacked(ins[0])])[0])]

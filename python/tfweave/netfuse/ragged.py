@@ -160,7 +160,7 @@ from tfweave.netfuse.lifting import BINARY_OPS, RESIZE_OPS, UNARY_OPS  # noqa: E
 
 
 @ragged_rule(*UNARY_OPS, "Bitcast", "Softmax", "LogSoftmax", "MaxPool", "AvgPool",
-             "MaxPool3D", "AvgPool3D", "MaxPoolV2", *RESIZE_OPS)
+             "MaxPool3D", "AvgPool3D", "MaxPoolV2", "TopKV2", "TopK", *RESIZE_OPS)
 def _unchanged_rows(lx, node, ins):
     return _same_rows(lx, node, ins)
 
