@@ -241,30 +241,24 @@ def test_bfloat16_weights_are_floating_point_weights_and_the_merge_matches(mode,
     assert_members_match(models, merged.run(dict(enumerate(inputs))), inputs)
 
 
+# Heads on a Dense layer's logits: Keras 3's float argmax tests the sign bit of zeros through
+# a Bitcast to int32; top_k (TopKV2) returns values and indices along the last axis.
+HEADS = {
+    "argmax": lambda ops, logits: [logits, ops.argmax(logits, axis=-1)],
+    "top_k": lambda ops, logits: list(ops.top_k(logits, 3)),
+}
+
+
 @pytest.mark.parametrize("mode", ["stock", "ragged"])
-def test_keras_argmax_output_merges_and_matches_members(mode, rng):
-    # Keras 3's float argmax tests the sign bit of zeros through a Bitcast to int32
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_keras_argmax_and_top_k_outputs_merge_and_match_members(head, mode, rng):
     import keras
     models = []
     for seed in range(2):
         keras.utils.set_random_seed(seed)
         features = keras.Input((6,), name="features")
-        logits = keras.layers.Dense(4)(features)
-        models.append(keras.Model(features, [logits, keras.ops.argmax(logits, axis=-1)]))
-    merged = netfuse.merge(models, mode=mode)
-    inputs = [{"features": rng.normal(size=(b, 6)).astype("float32")} for b in (3, 2)]
-    assert_members_match(models, merged.run({i: inputs[i] for i in range(2)}), inputs)
-
-
-@pytest.mark.parametrize("mode", ["stock", "ragged"])
-def test_top_k_values_and_indices_merge_and_match_members(mode, rng):
-    import keras
-    models = []
-    for seed in range(2):
-        keras.utils.set_random_seed(seed)
-        features = keras.Input((6,), name="features")
-        values, indices = keras.ops.top_k(keras.layers.Dense(8)(features), 3)
-        models.append(keras.Model(features, [values, indices]))
+        logits = keras.layers.Dense(8)(features)
+        models.append(keras.Model(features, HEADS[head](keras.ops, logits)))
     merged = netfuse.merge(models, mode=mode)
     inputs = [{"features": rng.normal(size=(b, 6)).astype("float32")} for b in (3, 2)]
     assert_members_match(models, merged.run({i: inputs[i] for i in range(2)}), inputs)
