@@ -47,11 +47,17 @@ INLINE_CONSTANT_LIMIT = 4096
 
 
 class Value:
-    __slots__ = ("kind", "tensor", "array", "members", "key")
+    """A lifted tensor. ``batch_derived`` (ragged mode, shared values only): where its values
+    come from the batch size, which a ragged run's Shape gives as every member's rows
+    together: True, or for a shape vector the positions that hold it (``{0}``)."""
 
-    def __init__(self, kind, tensor=None, array=None, members=None, key=""):
+    __slots__ = ("kind", "tensor", "array", "members", "key", "batch_derived")
+
+    def __init__(self, kind, tensor=None, array=None, members=None, key="",
+                 batch_derived=False):
         self.kind, self.tensor, self.array, self.members, self.key = \
             kind, tensor, array, members, key
+        self.batch_derived = batch_derived
 
     @property
     def per_model(self) -> bool:
@@ -1455,6 +1461,57 @@ def supported_ops() -> list[str]:
     return sorted(op for op in RULES if op not in PSEUDO_OPS)  # see netfuse.fusion
 
 
+# ---- values computed from the batch size (ragged mode) ---------------------------------------
+
+# Inputs that give an op's output its shape, not its values: a batch size there leaves each
+# row's values alone (tf.zeros([batch, h]) holds the same zeros in every row).
+SHAPE_INPUTS = {"Fill": (0,), "BroadcastTo": (1,), "Reshape": (1,), "Tile": (1,), "Pad": (1,),
+                "PadV2": (1,), "MirrorPad": (1,), "Empty": (0,), "ZerosLike": (0,),
+                "OnesLike": (0,)}
+
+
+def batch_derived(node, ins):
+    """Whether a shared op's output takes its values from the batch size (see Value): a
+    shape vector's slices that leave out its batch position do not; anything else computed
+    from a tainted input does."""
+    tainted = [(i, v.batch_derived) for i, v in enumerate(ins)
+               if v.batch_derived and i not in SHAPE_INPUTS.get(node.op, ())]
+    if not tainted:
+        return False
+    if node.op == "StridedSlice" and len(tainted) == 1 and tainted[0][0] == 0 \
+            and isinstance(tainted[0][1], frozenset):
+        picked = _sliced_positions(node, ins)
+        if picked is not None:
+            kept = tainted[0][1] & set(picked)
+            if not kept:
+                return False
+            shrink = node.attr["shrink_axis_mask"].i if "shrink_axis_mask" in node.attr else 0
+            return True if shrink & 1 else frozenset(picked.index(p) for p in kept)
+    if node.op == "Pack" and all(t is True for _, t in tainted):
+        return frozenset(i for i, _ in tainted)   # [batch, h]: the batch at position 0
+    return True
+
+
+def _sliced_positions(node, ins):
+    """The positions of a 1-D shape vector that a StridedSlice with constant arguments keeps,
+    in order; None when they are not known here."""
+    vector, begin, end, strides = ins
+    arrays = [v.array for v in (begin, end, strides)]
+    length = (_static(vector.tensor.shape) if vector.tensor is not None else None) or [None]
+    if any(a is None for a in arrays) or len(length) != 1 or length[0] is None:
+        return None
+    (b,), (e,), (st,) = (np.ravel(a).tolist() for a in arrays)
+    mask = {key: node.attr[key].i if key in node.attr else 0
+            for key in ("begin_mask", "end_mask", "shrink_axis_mask", "ellipsis_mask",
+                        "new_axis_mask")}
+    if mask["ellipsis_mask"] or mask["new_axis_mask"]:
+        return None
+    if mask["shrink_axis_mask"] & 1:
+        return [b % length[0]]
+    return list(range(length[0]))[slice(None if mask["begin_mask"] & 1 else b,
+                                        None if mask["end_mask"] & 1 else e, st)]
+
+
 # ---- driver -------------------------------------------------------------------------------
 
 class LiftPlan:
@@ -1557,8 +1614,9 @@ def lift(plan: LiftPlan, lifter: Lifter, inputs: dict[str, Value]) -> dict[str, 
         ins = [value_of(t, node) for t in _inputs(node, fused)]
         node = fused.get(name, node)
         if not any(v.per_model for v in ins) and not isinstance(node, FusedNode):
-            outs = [Value(SHARED, tensor=t) for t in lifter.clone(node, [lifter.shared(v)
-                                                                        for v in ins])]
+            derived = batch_derived(node, ins)
+            outs = [Value(SHARED, tensor=t, batch_derived=derived)
+                    for t in lifter.clone(node, [lifter.shared(v) for v in ins])]
         else:
             rules = RULES
             if any(v.kind == "ragged" for v in ins):

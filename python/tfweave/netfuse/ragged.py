@@ -98,6 +98,12 @@ def _per_row(lx, node, v: Value, like: Value, rank: int):
     if v.kind == RAGGED:
         return v.tensor
     if v.kind == SHARED:
+        if v.batch_derived:
+            raise UnsupportedOpError(
+                node.op, node.name, "a value computed from the batch size (a row index, or "
+                "tf.shape(x)[0] in arithmetic) meets the rows: in ragged mode the batch holds "
+                "every member's rows together, so each member would see another batch size; "
+                "merge with mode='stock' or 'grouped' instead")
         return lx.shared(v)
     own = len(lx.shape(v))
     if own == 0 or own < rank:
@@ -468,14 +474,19 @@ def _reduce(lx, node, ins):
     return _same_rows(lx, node, ins)
 
 
+# The shape of ragged rows holds every member's rows together at position 0, where each
+# member's own graph sees its own batch size: values computed from it are marked (Value's
+# batch_derived) and refused where they meet the rows (_per_row).
 @ragged_rule("Shape")
 def _shape(lx, node, ins):
-    return [Value(SHARED, tensor=lx.clone(node, [ins[0].tensor])[0])]
+    return [Value(SHARED, tensor=lx.clone(node, [ins[0].tensor])[0],
+                  batch_derived=frozenset({0}))]
 
 
 @ragged_rule("Size", "Rank")
 def _size(lx, node, ins):
-    return [Value(SHARED, tensor=lx.clone(node, [ins[0].tensor])[0])]
+    return [Value(SHARED, tensor=lx.clone(node, [ins[0].tensor])[0],
+                  batch_derived=node.op == "Size")]
 
 
 @ragged_rule("ShapeN")
@@ -483,7 +494,8 @@ def _shape_n(lx, node, ins):
     if any(v.kind not in (RAGGED, SHARED) for v in ins):
         raise UnsupportedOpError(node.op, node.name, "shapes of per-model tensors (ragged)")
     args = [v.tensor if v.kind == RAGGED else lx.shared(v) for v in ins]
-    return [Value(SHARED, tensor=t) for t in lx.clone(node, args)]
+    return [Value(SHARED, tensor=t, batch_derived=frozenset({0}))
+            for t in lx.clone(node, args)]
 
 
 @ragged_rule("Reshape")
