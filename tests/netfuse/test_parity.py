@@ -381,3 +381,20 @@ def test_class_token_broadcast_to_the_batch_merges_and_matches_members(mode, rng
     inputs = [_image(rng, b, 8) for b in (2, 1, 3)]
     assert_members_match(models, merged.run({i: inputs[i] for i in range(3)}), inputs)
     assert_members_match(models, merged.run({0: inputs[0], 2: inputs[2]}), inputs)
+
+
+@pytest.mark.parametrize("mode", ["stock", "ragged"])
+def test_flip_and_roll_along_the_sequence_and_features_merge_and_match_members(mode, rng):
+    import keras
+
+    def member(seed):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((5, 3), name="sequence")
+        h = keras.layers.Dense(4)(x)
+        h = keras.ops.flip(h, axis=1) + keras.ops.roll(h, 2, axis=-1)
+        return keras.Model(x, keras.layers.Dense(2)(h))
+
+    models = [member(seed) for seed in range(2)]
+    merged = netfuse.merge(models, mode=mode)
+    inputs = [{"sequence": rng.normal(size=(b, 5, 3)).astype("float32")} for b in (3, 1)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(2)}), inputs)

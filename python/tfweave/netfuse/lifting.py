@@ -1138,12 +1138,21 @@ def _reduce(lx, node, ins):
     return [Value(STACKED, lx.clone(node, [lx.stacked(x), lx.shared(shifted)])[0])]
 
 
-@rule("ArgMax", "ArgMin", "Cumsum", "Cumprod")
+@rule("ArgMax", "ArgMin", "Cumsum", "Cumprod", "ReverseV2")
 def _axis_op(lx, node, ins):
     x, axis = ins
     _require_shared(node, axis, "axis")
     shifted = _shift_axes(lx, axis)
     return [Value(STACKED, lx.clone(node, [lx.stacked(x), lx.shared(shifted)])[0])]
+
+
+@rule("Roll")
+def _roll(lx, node, ins):
+    x, shift, axis = ins
+    _require_shared(node, shift, "shift")
+    _require_shared(node, axis, "axis")
+    return [Value(STACKED, lx.clone(node, [lx.stacked(x), lx.shared(shift),
+                                           lx.shared(_shift_axes(lx, axis))])[0])]
 
 
 @rule("TopKV2", "TopK")

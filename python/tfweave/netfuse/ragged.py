@@ -467,9 +467,9 @@ def _batch_norm(lx, node, ins):
 
 
 @ragged_rule("Mean", "Sum", "Max", "Min", "Prod", "All", "Any", "EuclideanNorm", "ArgMax",
-             "ArgMin", "Cumsum", "Cumprod")
+             "ArgMin", "Cumsum", "Cumprod", "ReverseV2", "Roll")
 def _reduce(lx, node, ins):
-    x, axes = ins
+    x, axes = ins[0], ins[-1]   # Roll's shift sits between them
     _require_not_axis0(node, _static_array(node, axes, "axis"), len(lx.shape(x)))
     return _same_rows(lx, node, ins)
 
