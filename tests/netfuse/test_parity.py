@@ -242,16 +242,19 @@ def test_bfloat16_weights_are_floating_point_weights_and_the_merge_matches(mode,
 
 
 # Heads on a Dense layer's logits: Keras 3's float argmax tests the sign bit of zeros through
-# a Bitcast to int32; top_k (TopKV2) returns values and indices along the last axis.
+# a Bitcast to int32; top_k (TopKV2) returns values and indices along the last axis;
+# take_along_axis broadcasts its indices to the logits' shape (BroadcastTo of the rows).
 HEADS = {
     "argmax": lambda ops, logits: [logits, ops.argmax(logits, axis=-1)],
     "top_k": lambda ops, logits: list(ops.top_k(logits, 3)),
+    "take_along_axis": lambda ops, logits: [
+        ops.take_along_axis(logits, ops.argsort(logits, axis=-1), axis=-1)],
 }
 
 
 @pytest.mark.parametrize("mode", ["stock", "ragged"])
 @pytest.mark.parametrize("head", sorted(HEADS))
-def test_keras_argmax_and_top_k_outputs_merge_and_match_members(head, mode, rng):
+def test_keras_heads_on_logits_merge_and_match_members(head, mode, rng):
     import keras
     models = []
     for seed in range(2):

@@ -647,6 +647,20 @@ def _tile(lx, node, ins):
     return _same_rows(lx, node, ins)
 
 
+@ragged_rule("BroadcastTo")
+def _broadcast_to(lx, node, ins):
+    # keras.ops.take_along_axis broadcasts its indices to the rows' own shape: the rows stay
+    # the rows only when no axis is put before them
+    x, shape = ins
+    if x.kind != RAGGED or shape.kind != SHARED:
+        raise UnsupportedOpError(node.op, node.name, "a per-model target shape (ragged mode)")
+    target = _static(lx.shared(shape).shape)
+    if not target or target[0] != len(lx.shape(x)):
+        raise UnsupportedOpError(node.op, node.name, "it adds axes before the batch axis "
+                                 "(ragged mode)")
+    return _same_rows(lx, node, ins)
+
+
 @ragged_rule("Pad", "PadV2", "MirrorPad")
 def _pad(lx, node, ins):
     if np.any(_static_array(node, ins[1], "paddings")[0]):
@@ -684,6 +698,9 @@ def _gather(lx, node, ins):
         return _same_rows(lx, node, ins)
     if params.kind == RAGGED and indices.kind == SHARED and batch_dims == 0 and \
             _normalize(axis, len(lx.shape(params))) != 0:
+        return _same_rows(lx, node, ins)
+    if params.kind == RAGGED and indices.kind == RAGGED and batch_dims >= 1:
+        # each row gathers from its own row (keras.ops.take_along_axis): rows stay rows
         return _same_rows(lx, node, ins)
     raise UnsupportedOpError(node.op, node.name, "this gather form (ragged mode)")
 
