@@ -286,6 +286,16 @@ def test_tf_cond_on_per_model_tensors_is_refused_as_a_conditional_with_what_to_d
     assert "cond" in caught.value.node
 
 
+def _check_image_members(build, mode, rng):
+    """Three members built by ``build(seed)`` on 8x8 images, merged in ``mode``: each with its
+    own batch size, then with member 1 absent."""
+    models = [build(seed) for seed in range(3)]
+    merged = netfuse.merge(models, mode=mode)
+    inputs = [_image(rng, b, 8) for b in (2, 1, 3)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(3)}), inputs)
+    assert_members_match(models, merged.run({0: inputs[0], 2: inputs[2]}), inputs)
+
+
 def _decoder(seed, upsample):
     import keras
     keras.utils.set_random_seed(seed)
@@ -305,11 +315,7 @@ def _decoder(seed, upsample):
 def test_decoder_upsampling_merges_and_matches_members(upsample, mode, rng):
     # Conv2DBackpropInput one op per member (its output shape each member's own, an empty
     # member included); image resizes with the members folded into the batch.
-    models = [_decoder(seed, upsample) for seed in range(3)]
-    merged = netfuse.merge(models, mode=mode)
-    inputs = [_image(rng, b, 8) for b in (2, 1, 3)]
-    assert_members_match(models, merged.run({i: inputs[i] for i in range(3)}), inputs)
-    assert_members_match(models, merged.run({0: inputs[0], 2: inputs[2]}), inputs)
+    _check_image_members(lambda seed: _decoder(seed, upsample), mode, rng)
 
 
 @pytest.mark.parametrize("mode", ["stock", "ragged"])
@@ -379,11 +385,7 @@ def _vit_like(seed):
 def test_class_token_broadcast_to_the_batch_merges_and_matches_members(mode, rng):
     # In ragged mode the broadcast token has the rows' count on its batch axis: each row must
     # take its own member's token, an absent member's included.
-    models = [_vit_like(seed) for seed in range(3)]
-    merged = netfuse.merge(models, mode=mode)
-    inputs = [_image(rng, b, 8) for b in (2, 1, 3)]
-    assert_members_match(models, merged.run({i: inputs[i] for i in range(3)}), inputs)
-    assert_members_match(models, merged.run({0: inputs[0], 2: inputs[2]}), inputs)
+    _check_image_members(_vit_like, mode, rng)
 
 
 @pytest.mark.parametrize("mode", ["stock", "ragged"])
