@@ -57,15 +57,6 @@ def _feeds(function, length: int) -> dict:
     return feeds
 
 
-def _load_op_libraries(path: str) -> None:
-    meta = Path(path) / "assets" / "netfuse.json"
-    if meta.exists():
-        metadata = json.loads(meta.read_text())
-        if metadata.get("mode") == "ragged" or metadata.get("op_libraries"):
-            from tfweave.netfuse.merged_model import load_ragged_ops
-            load_ragged_ops()
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory")
     parser.add_argument("paths", nargs="+", help="SavedModel directories")
@@ -73,8 +64,10 @@ def main(argv=None) -> None:
                         help="size of unknown axes past the batch axis (sequence length)")
     args = parser.parse_args(argv)
     import tensorflow as tf
+
+    from tfweave.serving.backends import load_op_libraries
     for path in args.paths:
-        _load_op_libraries(path)
+        load_op_libraries(path)
     tf.function(lambda x: x + 1.0)(tf.constant(1.0))   # TensorFlow's runtime, up and running
     base = _status_bytes("VmRSS")
     _reset_peak()
