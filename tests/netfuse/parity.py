@@ -14,6 +14,26 @@ def member_outputs(model, inputs: dict) -> list:
     return [np.asarray(t) for t in tf.nest.flatten(result)]
 
 
+def dense_module(seed, head, inputs: int = 3, units: int = 4, bias: bool = True):
+    """A tf.Module member whose ``serve`` takes ``x`` ([None, inputs] float32) and returns
+    ``head(y, x)`` (a dict of outputs) for its own ``y = x @ w (+ b)``, weights drawn from
+    ``seed``."""
+    import tensorflow as tf
+
+    class Member(tf.Module):
+        def __init__(self):
+            r = np.random.default_rng(seed)
+            self.w = tf.Variable(r.normal(size=(inputs, units)).astype("float32"))
+            self.b = tf.Variable(r.normal(size=(units,)).astype("float32")) if bias else None
+
+        @tf.function(input_signature=[tf.TensorSpec([None, inputs], tf.float32, name="x")])
+        def serve(self, x):
+            y = tf.matmul(x, self.w)
+            return head(y if self.b is None else y + self.b, x)
+
+    return Member()
+
+
 def save_modules(modules, folder, stem: str) -> list[str]:
     """Saves tf.Modules with a ``serve`` tf.function as SavedModels ``folder/{stem}{i}``
     (``serve`` as ``serving_default``); returns their paths."""

@@ -7,7 +7,7 @@ import pytest
 from tfweave import netfuse
 from tfweave.netfuse import architectures as arch
 
-from tests.netfuse.parity import assert_members_match
+from tests.netfuse.parity import assert_members_match, dense_module, save_modules
 
 
 def _members(build, count):
@@ -82,30 +82,15 @@ def test_relu_dense_folds_into_the_epilogue_and_matches_members(rng):
 def _gelu_like_module(seed, scale):
     """Dense + ``0.5 x erfc(-x * scale)``: exact GELU only when scale is 1/sqrt(2)."""
     import tensorflow as tf
-
-    class Member(tf.Module):
-        def __init__(self):
-            r = np.random.default_rng(seed)
-            self.w = tf.Variable(r.normal(size=(5, 6)).astype("float32"))
-            self.b = tf.Variable(r.normal(size=(6,)).astype("float32"))
-
-        @tf.function(input_signature=[tf.TensorSpec([None, 5], tf.float32, name="x")])
-        def serve(self, x):
-            z = tf.matmul(x, self.w) + self.b
-            return {"y": 0.5 * z * tf.math.erfc(-z * scale)}
-
-    return Member()
+    return dense_module(seed, lambda z, x: {"y": 0.5 * z * tf.math.erfc(-z * scale)},
+                        inputs=5, units=6)
 
 
 @pytest.mark.parametrize("scale", [float(np.sqrt(0.5)), 0.8])
 def test_only_the_exact_gelu_constant_is_fused_and_both_match_the_members(scale, rng,
                                                                           tmp_path):
-    import tensorflow as tf
-    members, paths = [_gelu_like_module(seed, scale) for seed in range(2)], []
-    for index, member in enumerate(members):
-        paths.append(str(tmp_path / f"m{index}"))
-        tf.saved_model.save(member, paths[-1], signatures={"serving_default": member.serve})
-    merged = netfuse.merge(paths, mode="ragged")
+    members = [_gelu_like_module(seed, scale) for seed in range(2)]
+    merged = netfuse.merge(save_modules(members, tmp_path, "m"), mode="ragged")
     ops = _run_ops(merged.functions["ragged"])
     exact = abs(scale - np.sqrt(0.5)) < 1e-7
     assert _activations(ops) == ["gelu" if exact else "none"]
@@ -117,13 +102,8 @@ def test_only_the_exact_gelu_constant_is_fused_and_both_match_the_members(scale,
 
 def test_a_gelu_constant_that_differs_between_members_is_not_fused_and_matches_each(
         rng, tmp_path):
-    import tensorflow as tf
     members = [_gelu_like_module(0, float(np.sqrt(0.5))), _gelu_like_module(1, 0.8)]
-    paths = []
-    for index, member in enumerate(members):
-        paths.append(str(tmp_path / f"m{index}"))
-        tf.saved_model.save(member, paths[-1], signatures={"serving_default": member.serve})
-    merged = netfuse.merge(paths, mode="ragged")
+    merged = netfuse.merge(save_modules(members, tmp_path, "m"), mode="ragged")
     rows = rng.normal(size=(5, 5)).astype("float32")
     got = merged.run_ragged({"x": rows}, [2, 3])["y"]
     own = np.concatenate([members[0].serve(rows[:2])["y"], members[1].serve(rows[2:])["y"]])

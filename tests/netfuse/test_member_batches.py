@@ -6,7 +6,7 @@ import pytest
 
 from tfweave import netfuse
 
-from tests.netfuse.parity import assert_members_match, save_modules
+from tests.netfuse.parity import assert_members_match, dense_module, save_modules
 
 
 def _two_input_members(count=2):
@@ -51,20 +51,12 @@ def _reducing_paths(tmp_path, combined=("column_sum", "total", "rows")):
     and the batch size (scalars), next to a per-row output (``combined`` picks which)."""
     import tensorflow as tf
 
-    class Reducer(tf.Module):
-        def __init__(self, seed):
-            r = np.random.default_rng(seed)
-            self.w = tf.Variable(r.normal(size=(3, 4)).astype("float32"))
-            self.b = tf.Variable(r.normal(size=(4,)).astype("float32"))
+    def head(y, x):
+        outputs = {"y": y, "column_sum": tf.reduce_sum(y, 0), "total": tf.reduce_sum(y),
+                   "rows": tf.shape(x)[0]}
+        return {key: outputs[key] for key in ("y",) + tuple(combined)}
 
-        @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
-        def serve(self, x):
-            y = tf.matmul(x, self.w) + self.b
-            outputs = {"y": y, "column_sum": tf.reduce_sum(y, 0), "total": tf.reduce_sum(y),
-                       "rows": tf.shape(x)[0]}
-            return {key: outputs[key] for key in ("y",) + tuple(combined)}
-
-    modules = [Reducer(seed) for seed in range(2)]
+    modules = [dense_module(seed, head) for seed in range(2)]
     return modules, save_modules(modules, tmp_path, "reducer")
 
 
@@ -139,20 +131,13 @@ def test_per_row_outputs_that_depend_on_the_other_rows_are_never_computed_on_pad
         tmp_path, rng):
     import tensorflow as tf
 
-    class InBatch(tf.Module):
+    def in_batch(y, x):
         """Row-shaped outputs that combine rows: centred by the batch mean, and an in-batch
         similarity matrix [B, B]."""
+        return {"centred": y - tf.reduce_mean(y, 0),
+                "similarity": tf.matmul(y, y, transpose_b=True)}
 
-        def __init__(self, seed):
-            self.w = tf.Variable(np.random.default_rng(seed).normal(size=(3, 4)).astype("float32"))
-
-        @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
-        def serve(self, x):
-            y = tf.matmul(x, self.w)
-            return {"centred": y - tf.reduce_mean(y, 0),
-                    "similarity": tf.matmul(y, y, transpose_b=True)}
-
-    modules = [InBatch(seed) for seed in range(2)]
+    modules = [dense_module(seed, in_batch, bias=False) for seed in range(2)]
     paths = save_modules(modules, tmp_path, "inbatch")
     merged = netfuse.merge(paths)
     xs = [rng.normal(size=(3, 3)).astype("float32"), rng.normal(size=(3, 3)).astype("float32")]

@@ -6,7 +6,7 @@ import pytest
 from tfweave import netfuse
 from tfweave.netfuse import architectures as arch
 
-from tests.netfuse.parity import assert_members_match
+from tests.netfuse.parity import assert_members_match, dense_module, save_modules
 
 
 def _members(build, count):
@@ -137,30 +137,22 @@ def _batch_sized(seed, use):
     """A tf.Module member that uses its batch size: ``use`` says how."""
     import tensorflow as tf
 
-    class Member(tf.Module):
-        def __init__(self):
-            self.w = tf.Variable(np.random.default_rng(seed).normal(size=(3, 4))
-                                 .astype("float32"))
+    def head(h, x):
+        rows, width = tf.shape(h)[0], tf.shape(h)[-1]
+        if use == "row index":     # the batch size as values: each row's own index
+            h = h + tf.cast(tf.range(rows), tf.float32)[:, None]
+        elif use == "shape only":  # a fill of [rows, width]: the same in every row
+            h = h + tf.fill(tf.stack([rows, width]), 0.5)
+        else:                      # the width, not the batch size, as a value
+            h = h / tf.cast(width, tf.float32)
+        return {"y": h}
 
-        @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
-        def serve(self, x):
-            h = tf.matmul(x, self.w)
-            rows, width = tf.shape(h)[0], tf.shape(h)[-1]
-            if use == "row index":     # the batch size as values: each row's own index
-                h = h + tf.cast(tf.range(rows), tf.float32)[:, None]
-            elif use == "shape only":  # a fill of [rows, width]: the same in every row
-                h = h + tf.fill(tf.stack([rows, width]), 0.5)
-            else:                      # the width, not the batch size, as a value
-                h = h / tf.cast(width, tf.float32)
-            return {"y": h}
-
-    return Member()
+    return dense_module(seed, head, bias=False)
 
 
 @pytest.mark.parametrize("use", ["shape only", "width"])
 def test_ragged_values_from_the_shape_that_leave_the_batch_size_out_merge_and_match(use, rng,
                                                                                     tmp_path):
-    from tests.netfuse.parity import save_modules
     members = [_batch_sized(seed, use) for seed in range(2)]
     merged = netfuse.merge(save_modules(members, tmp_path, "m"), mode="ragged")
     xs = [rng.normal(size=(b, 3)).astype("float32") for b in (2, 3)]
@@ -172,7 +164,6 @@ def test_ragged_values_from_the_shape_that_leave_the_batch_size_out_merge_and_ma
 def test_ragged_mode_refuses_the_batch_size_as_a_value_which_stock_mode_merges(rng, tmp_path):
     # In ragged mode tf.shape(x)[0] counts every member's rows: member 1's rows would be
     # numbered 2, 3, 4 instead of 0, 1, 2 (a silent wrong answer before this was refused).
-    from tests.netfuse.parity import save_modules
     members = [_batch_sized(seed, "row index") for seed in range(2)]
     paths = save_modules(members, tmp_path, "m")
     with pytest.raises(netfuse.UnsupportedOpError, match="computed from the batch size") as no:
