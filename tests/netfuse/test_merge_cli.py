@@ -117,3 +117,20 @@ def test_merged_saved_model_folder_follows_the_umask(tmp_path):
         os.umask(old)
     mode = stat.S_IMODE(os.stat(tmp_path / "merged" / "1").st_mode)
     assert mode == 0o755, oct(mode)  # readable by a server running as another user
+
+
+def test_tfweave_merge_jit_compile_writes_an_xla_compiled_stock_model(tmp_path, capsys, rng):
+    models = [arch.perturb(arch.mlp(s, features=5, hidden=(6,), classes=3), s)
+              for s in range(2)]
+    paths = _export(models, tmp_path)
+    out = str(tmp_path / "merged" / "1")
+    assert cli.main(["merge", *paths, "-o", out, "--jit-compile", "--quiet"]) == 0
+    assert "--xla_cpu_compilation_enabled=true" in capsys.readouterr().out
+    meta = json.load(open(os.path.join(out, "assets", "netfuse.json")))
+    assert meta["jit_compile"] is True and meta["mode"] == "stock"
+    inputs = [{"features": rng.normal(size=(b, 5)).astype("float32")} for b in (1, 4)]
+    results = netfuse.load_merged(out).run({0: inputs[0], 1: inputs[1]})
+    assert_members_match(models, results, inputs)
+    assert cli.main(["merge", *paths, "-o", str(tmp_path / "g"), "--mode", "grouped",
+                     "--jit-compile", "--quiet"]) == 1
+    assert "needs mode='stock'" in capsys.readouterr().err

@@ -66,7 +66,8 @@ def _merged(members, tmp_path, **merge_kwargs):
     return merged, scheduler, model
 
 
-MODES = {"stock": {}, "stacked": {"stacked": True}, "ragged": {"mode": "ragged"}}
+MODES = {"stock": {}, "stacked": {"stacked": True}, "ragged": {"mode": "ragged"},
+         "xla": {"jit_compile": True}}
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))

@@ -144,6 +144,9 @@ class Lifter:
         self.ragged_sizes: dict = {}
         self.use_channels = use_channels and conv_strategy == "grouped"
         self.conv_strategy = conv_strategy
+        # When set (an XLA-compiled merge): lifted op name -> the member's node it came from,
+        # so a failed guard names the user's layer (see netfuse.xla).
+        self.origins: dict | None = None
 
     # ---- values and layouts -------------------------------------------------------------
     def shape(self, v: Value) -> list | None:
@@ -1613,6 +1616,11 @@ def lift(plan: LiftPlan, lifter: Lifter, inputs: dict[str, Value]) -> dict[str, 
         return value
 
     order, fused = plan.for_lifter(lifter)
+    graph, previous = None, None
+    if lifter.origins is not None:
+        import tensorflow as tf
+        graph = tf.compat.v1.get_default_graph()
+        known = len(graph.get_operations())
     for name in order:
         node = nodes[name]
         if node.op == "Placeholder":
@@ -1620,6 +1628,11 @@ def lift(plan: LiftPlan, lifter: Lifter, inputs: dict[str, Value]) -> dict[str, 
                 raise UnsupportedOpError(node.op, node.name, "a placeholder outside the "
                                          "serving signature")
             continue
+        if graph is not None:
+            emitted = graph.get_operations()[known:]
+            known += len(emitted)
+            lifter.origins.update((op.name, previous) for op in emitted)
+            previous = name
         ins = [value_of(t, node) for t in _inputs(node, fused)]
         node = fused.get(name, node)
         if not any(v.per_model for v in ins) and not isinstance(node, FusedNode):
@@ -1644,5 +1657,7 @@ def lift(plan: LiftPlan, lifter: Lifter, inputs: dict[str, Value]) -> dict[str, 
         for index, value in enumerate(outs):
             if value is not None:
                 values[(name, index)] = value
+    if graph is not None:
+        lifter.origins.update((op.name, previous) for op in graph.get_operations()[known:])
     return {info.name: value_of(tensor_of(info.tensor), nodes[tensor_of(info.tensor)[0]])
             for info in member.outputs}

@@ -320,9 +320,11 @@ def _checked_unpadded(sizes, biggest, unpadded):
         [_unpadded_message(unpadded) + "; rows sent per member:", sizes])
 
 
-def build_signature_functions(plan, lifter_factory, num_members: int, unpadded=()):
+def build_signature_functions(plan, lifter_factory, num_members: int, unpadded=(),
+                              jit_compile: bool = False):
     """The two serving bodies as Python callables over positional tensors. ``unpadded``:
-    outputs that combine rows, so members must send equal batches (or none)."""
+    outputs that combine rows, so members must send equal batches (or none).
+    ``jit_compile``: the lifted graph runs as one XLA-compiled function (see netfuse.xla)."""
     import tensorflow as tf
     from tfweave.netfuse.lifting import MEMBERS, STACKED, Value, lift
 
@@ -330,12 +332,22 @@ def build_signature_functions(plan, lifter_factory, num_members: int, unpadded=(
     input_names = [info.name for info in reference.inputs]
     output_names = [info.name for info in reference.outputs]
 
-    def stacked_body(*tensors):
+    def lifted(*tensors, origins=None):
+        """The merged graph on stacked ``[N, B, ...]`` inputs: {output name: [N, B, ...]}.
+        ``origins``: filled with lifted op name -> member node name."""
         lifter = lifter_factory()
+        lifter.origins = origins
         values = {name: Value(STACKED, t) for name, t in zip(input_names, tensors)}
         outputs = lift(plan, lifter, values)
-        return {name: tf.identity(lifter.stacked(outputs[name]), name=name)
-                for name in output_names}
+        return {name: lifter.stacked(outputs[name]) for name in output_names}
+
+    if jit_compile:
+        from tfweave.netfuse.xla import compiled_core
+        lifted = compiled_core(lifted, output_names)
+
+    def stacked_body(*tensors):
+        outputs = lifted(*tensors)
+        return {name: tf.identity(outputs[name], name=name) for name in output_names}
 
     input_shapes = {info.name: info.shape for info in reference.inputs}
     unbatched = unbatched_outputs(
@@ -346,11 +358,11 @@ def build_signature_functions(plan, lifter_factory, num_members: int, unpadded=(
         # Members' batches differ: rows are gathered into a zero-padded [N, B_max, ...] batch
         # and gathered back out, with a number of ops that does not grow with N (per-member
         # pad/slice ops cost more than the model itself at N=32, batch 1).
-        lifter = lifter_factory()
         k = len(input_names)
         per_member = _checked_batches([tensors[i * k:(i + 1) * k] for i in range(num_members)],
                                       input_names, input_shapes)
-        if num_members == 1:
+        if num_members == 1 and not jit_compile:
+            lifter = lifter_factory()
             values = {name: Value(MEMBERS, members=[t])
                       for name, t in zip(input_names, per_member[0])}
             outputs = lift(plan, lifter, values)
@@ -375,12 +387,12 @@ def build_signature_functions(plan, lifter_factory, num_members: int, unpadded=(
             shape = input_shapes[name]
             if shape is not None:
                 padded.set_shape([num_members, fixed_rows] + list(shape[1:]))
-            values[name] = Value(STACKED, padded)
-        outputs = lift(plan, lifter, values)
+            values[name] = padded
+        outputs = lifted(*[values[name] for name in input_names])
         real_rows = tf.reshape(tf.where(tf.reshape(valid, [-1])), [-1])
         result = {}
         for name in output_names:
-            stacked = lifter.stacked(outputs[name])
+            stacked = outputs[name]
             if stacked.shape.rank == 1 or name in unbatched:  # no batch axis to slice
                 parts = tf.unstack(stacked, num=num_members)
             else:
@@ -444,7 +456,8 @@ def load_ragged_ops():
 
 
 def build_module(plan, num_members: int, use_channels: bool = True,
-                 conv_strategy: str = "grouped", mode: str = "stock", unpadded=()):
+                 conv_strategy: str = "grouped", mode: str = "stock", unpadded=(),
+                 jit_compile: bool = False):
     """Traces the merged functions (twice: plan weights, then for real) into a tf.Module."""
     import tensorflow as tf
     from tfweave.netfuse.lifting import Lifter, WeightStore
@@ -457,7 +470,7 @@ def build_module(plan, num_members: int, use_channels: bool = True,
                       grouped_matmul=mode in ("grouped", "ragged"))
 
     stacked_body, prefixed_body = build_signature_functions(plan, make_lifter, num_members,
-                                                            unpadded)
+                                                            unpadded, jit_compile=jit_compile)
     stacked_specs = _input_specs(plan.reference, num_members, stacked=True)
     prefixed_specs = _input_specs(plan.reference, num_members, stacked=False)
 
@@ -584,6 +597,30 @@ def _warmup_feeds(specs: dict, num_members: int, ragged: bool) -> dict | None:
     return feeds
 
 
+def require_xla_compiles(fn, num_members: int) -> None:
+    """Runs a jit_compile merge once on zeros, so that a graph XLA cannot compile is refused
+    at merge time (naming the op) rather than at its first request in a server."""
+    import tensorflow as tf
+    positional = fn.structured_input_signature[0]
+    feeds = _warmup_feeds({spec.name: spec for spec in positional}, num_members, ragged=False)
+    if feeds is None:
+        LOG.warning("jit_compile: not compiled at merge time (an input is a string or has no "
+                    "known rank); XLA compiles it at the first request")
+        return
+    try:
+        fn(*[tf.constant(feeds[spec.name]) for spec in positional])
+    except tf.errors.OpError as error:
+        text = error.message
+        if "XLA" not in text and "compil" not in text.lower():
+            LOG.warning("jit_compile: a run on zeros fails (%s); not checked at merge time",
+                        text.splitlines()[0])
+            return
+        lines = [line for line in text.splitlines() if "unsupported operations" in line]
+        said = (lines[0].split(": ", 1)[-1] if lines else text.strip())[:1000]
+        raise MergeError("jit_compile=True: XLA cannot compile the merged graph; merge "
+                         f"without jit_compile. XLA said: {said}") from None
+
+
 def _inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
@@ -658,7 +695,8 @@ def _require_open_batches(reference) -> None:
 def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
           names: list[str] | None = None, stacked: bool = False, mode: str = "stock",
           signature_key: str = "serving_default", use_channels: bool = True,
-          conv_strategy: str = "grouped", overwrite: bool = False, warmup: bool = True,
+          conv_strategy: str = "grouped", jit_compile: bool = False, overwrite: bool = False,
+          warmup: bool = True,
           progress: Callable[[str, int, int], None] | None = None) -> MergedModel:
     """Merges N models of one architecture (different weights) into one merged model.
 
@@ -686,6 +724,11 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
       conv_strategy: ``"grouped"`` (one grouped Conv2D for the N members, the paper's way,
         best on GPUs) or ``"batched"`` (1x1 convolutions as one BatchMatMulV2, wider ones as N
         Conv2D ops side by side in the graph; faster on CPUs). Both are stock ops, no loops.
+      jit_compile: (stock mode) the merged graph runs as one XLA-compiled function: still
+        stock ops, faster on CPUs at small batches, compiled once per input shape. TF
+        Serving runs it with ``--xla_cpu_compilation_enabled=true`` only. Bad gather indices
+        still fail as in the members (see ``tfweave.netfuse.xla``). The merge compiles it
+        once on zeros and refuses it, naming the op, if XLA cannot.
       overwrite: replace ``output_dir`` if it exists (an earlier merged model).
       warmup: write TF Serving's ``assets.extra/tf_serving_warmup_requests`` (one request of
         zeros per served signature, see ``write_warmup_requests``), so that loading the model
@@ -707,6 +750,9 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
     if conv_strategy not in CONV_STRATEGIES:
         raise MergeError(f"conv_strategy {conv_strategy!r} is not available; use one of "
                          f"{', '.join(CONV_STRATEGIES)}")
+    if jit_compile and mode != "stock":
+        raise MergeError(f"jit_compile=True needs mode='stock': mode {mode!r} runs tfweave's "
+                         "GroupedMatMul, which XLA cannot compile")
     if mode in ("ragged", "grouped"):
         load_ragged_ops()
     if isinstance(paths_or_models, (str, bytes, os.PathLike)):
@@ -764,13 +810,16 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
     try:
         module, concrete, weight_bytes = build_module(plan, total, use_channels=use_channels,
                                                       conv_strategy=conv_strategy, mode=mode,
-                                                      unpadded=unpadded)
+                                                      unpadded=unpadded,
+                                                      jit_compile=jit_compile)
     except UnsupportedOpError as error:
         if mode != "ragged" or error.op not in RULES:
             raise
         # refused for ragged rows only: the stock mode pads members' batches and lifts it
         raise UnsupportedOpError(error.op, error.node, f"{error.reason}; merge with "
                                  f"mode='stock' or 'grouped' instead") from error
+    if jit_compile:
+        require_xla_compiles(concrete["prefixed"], total)
     report("lift", total, total)
     LOG.info("merged %d members: %d ops lifted, %.1f MB of weights", total, len(plan.order),
              weight_bytes / 2**20)
@@ -793,6 +842,7 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
                      "prefixed inputs are zero-padded to the largest member batch; outputs are "
                      "sliced back per member"),
         "op_libraries": ["grouped_matmul"] if mode in ("ragged", "grouped") else [],
+        "jit_compile": bool(jit_compile),
         "weight_bytes": int(weight_bytes),
     }
     path = None
