@@ -7,7 +7,11 @@ Baselines, both as fast as stock TensorFlow gets without merging:
 Candidate: the merged model's ``prefixed`` signature (what ``serving_default`` serves), fed each
 member's own batch: the stock merge ("merged"), and on the small encoder at batch 1 and 4 also
 ``mode="grouped"`` ("merged (grouped)": projections as tfweave's GroupedMatMul, an opt-in that
-needs tfweave's op library where the model is served).
+needs tfweave's op library where the model is served) and, at every batch, the stock merge
+compiled by XLA ("merged (XLA)": ``jit_compile=True``, stock ops, which TF Serving runs with
+``--xla_cpu_compilation_enabled=true``). Since that gain is partly XLA's, at batch 1 every
+merge is also timed against both baselines compiled by XLA ("sequential, XLA", "one
+tf.function, XLA").
 
 Cells: a small encoder (L=4, H=256, seq 8) at N = 1/4/8/16/32 and batch 1/4/16; BERT-base
 (L=12, H=768, seq 16) at N = 1/4 with batch 1/4/16 and N = 8 with batch 1/4 (N = 16 and 32
@@ -116,7 +120,7 @@ def _image_feed(rng, batch, input_name, size=224):
 class _Baselines:
     """Each member's own tf.function, and one tf.function over all members."""
 
-    def __init__(self, models, input_names, specs):
+    def __init__(self, models, input_names, specs, jit_compile: bool = False):
         import tensorflow as tf
         self.models = models
         self.input_names = input_names
@@ -124,11 +128,12 @@ class _Baselines:
         def call(model, feed):
             args = [feed[name] for name in input_names]
             return model(args[0] if len(args) == 1 else args, training=False)
-        self.own = [tf.function(lambda feed, m=m: call(m, feed), input_signature=[specs])
+        self.own = [tf.function(lambda feed, m=m: call(m, feed), input_signature=[specs],
+                                jit_compile=jit_compile)
                     for m in models]
         self.together = tf.function(
             lambda feeds: [call(m, f) for m, f in zip(models, feeds)],
-            input_signature=[[specs] * len(models)])
+            input_signature=[[specs] * len(models)], jit_compile=jit_compile)
 
     def sequential(self, feeds):
         return [fn(feed) for fn, feed in zip(self.own, feeds)]
@@ -137,8 +142,9 @@ class _Baselines:
         return self.together(feeds)
 
 
-# The merge modes a cell measures: label in the rows -> merge() mode.
-CANDIDATES = {"merged": "stock", "merged (grouped)": "grouped"}
+# The merges a cell measures: label in the rows -> merge() keyword arguments.
+CANDIDATES = {"merged": {"mode": "stock"}, "merged (grouped)": {"mode": "grouped"},
+              "merged (XLA)": {"mode": "stock", "jit_compile": True}}
 
 
 def _merged_call(merged, feeds):
@@ -161,10 +167,11 @@ def _check_parity(merged, baselines, feeds):
 
 def _cells(report, label, models, frozen, merge_kwargs, counts, batches, make_feed, specs,
            input_names, repeats, bandwidth=None, targets=None, flops=None,
-           candidates=None):
+           candidates=None, xla_baselines=()):
     """``batches``: the per-member batch sizes, or {N: batch sizes} where they depend on N.
     ``candidates``: {row label: batches} for the merge modes in CANDIDATES (default: the
-    stock merge at every batch)."""
+    stock merge at every batch). ``xla_baselines``: batches at which every candidate is also
+    timed against both baselines compiled by XLA (context for the XLA-compiled merge)."""
     from tfweave import netfuse
     rng = np.random.default_rng(0)
     member_bytes = _weight_bytes(models[0])
@@ -179,9 +186,11 @@ def _cells(report, label, models, frozen, merge_kwargs, counts, batches, make_fe
         merges = {}
         for name in candidates:
             start = time.perf_counter()
-            merged = netfuse.merge(frozen[:count], mode=CANDIDATES[name], **merge_kwargs)
+            merged = netfuse.merge(frozen[:count], **CANDIDATES[name], **merge_kwargs)
             merges[name] = (merged, time.perf_counter() - start)
             LOG.info("%s N=%d: %s in %.1f s", label, count, name, merges[name][1])
+        compiled = (_Baselines(models[:count], input_names, specs, jit_compile=True)
+                    if set(xla_baselines) & set(batches_at(count)) else None)
         for batch in batches_at(count):
             feeds = [make_feed(rng, batch) for _ in range(count)]
             for name, (merged, merge_s) in merges.items():
@@ -189,6 +198,9 @@ def _cells(report, label, models, frozen, merge_kwargs, counts, batches, make_fe
                     _cell(report, label, name, merged, merge_s, baselines, feeds, count, batch,
                           member_bytes, repeats, bandwidth, targets, flops, models[0],
                           speedups.setdefault(name, {}))
+                    if batch in xla_baselines:
+                        _against_xla(report, f"{label}/N={count}/batch={batch}", name,
+                                     _merged_call(merged, feeds), compiled, feeds, repeats)
         for name, (merged, _) in merges.items():
             report.add(ratio_row(
                 f"{label}/N={count}/weights", candidate_name=name, baseline_name="separate",
@@ -197,9 +209,19 @@ def _cells(report, label, models, frozen, merge_kwargs, counts, batches, make_fe
                 target=round(1 / 1.1, 3),
                 extra={"note": "ratio = separate bytes / merged bytes; target means merged "
                                "<= 1.1x"}))
-        del merges, merged, baselines
+        del merges, merged, baselines, compiled
         gc.collect()
     return speedups
+
+
+def _against_xla(report, case, name, merged_fn, compiled, feeds, repeats):
+    """The merged run against both baselines compiled by XLA (``jit_compile=True``): how much
+    of a merge's speedup is left when the unmerged models get XLA's fusion too."""
+    report.add(compare(case, merged_fn, lambda: compiled.sequential(feeds),
+                       candidate_name=name, baseline_name="sequential, XLA", repeats=repeats))
+    report.add(compare(case, merged_fn, lambda: compiled.all_in_one(feeds),
+                       candidate_name=name, baseline_name="one tf.function, XLA",
+                       repeats=repeats))
 
 
 def _cell(report, label, name, merged, merge_s, baselines, feeds, count, batch, member_bytes,
@@ -296,8 +318,8 @@ def _peak_memory(report, label, models, frozen, counts, length, modes=("merged",
             separate = peak_memory(paths[:count], length)
             weights = count * member_bytes
             for name in modes:
-                out = root / f"merged-{CANDIDATES[name]}-{count}" / "1"
-                netfuse.merge(frozen[:count], str(out), mode=CANDIDATES[name], warmup=False)
+                out = root / f"merged-{CANDIDATES[name]['mode']}-{count}" / "1"
+                netfuse.merge(frozen[:count], str(out), **CANDIDATES[name], warmup=False)
                 merged = peak_memory([str(out)], length)
                 shutil.rmtree(out.parent)
                 extra = {"merged_peak_mib": round(merged["peak_growth_bytes"] / 2**20, 1),
@@ -341,19 +363,20 @@ def _small_encoder(report, quick, bandwidth):
     frozen = [freeze_member(m, i) for i, m in enumerate(models)]
     LOG.info("small encoder: %d members built and frozen", len(models))
     targets = {(32, 1): (4.5, 1.5)}
-    candidates = {"merged": batches, "merged (grouped)": [b for b in batches if b <= 4]}
+    candidates = {"merged": batches, "merged (grouped)": [b for b in batches if b <= 4],
+                  "merged (XLA)": batches}
     speedups = _cells(report, "encoder-L4-H256-seq8", models, frozen, {}, counts, batches,
                       lambda rng, b: _token_feed(rng, b, 8, SMALL["vocab"]), _encoder_specs(),
                       ["token_ids", "padding_mask"], repeats=5 if quick else 9,
                       bandwidth=bandwidth, targets=targets,
                       flops=lambda model, batch: _encoder_flops(model, batch, 8),
-                      candidates=candidates)
+                      candidates=candidates, xla_baselines=[1])
     series = {}
     for name, by_batch in speedups.items():
         for batch, by_count in by_batch.items():
             if name != "merged" and batch != 1:
-                continue  # the plot stays readable: grouped at batch 1 only
-            tag = "" if name == "merged" else " (grouped)"
+                continue  # the plot stays readable: grouped and XLA at batch 1 only
+            tag = name[len("merged"):]
             xs = sorted(by_count)
             series[f"vs sequential, batch {batch}{tag}"] = (xs, [by_count[n][0] for n in xs])
             series[f"vs one tf.function, batch {batch}{tag}"] = (xs,
@@ -361,7 +384,7 @@ def _small_encoder(report, quick, bandwidth):
     report.plot("speedup_vs_n", series, xlabel="merged models N", ylabel="speedup (x)",
                 title="NetFuse, small encoder (L=4, H=256, seq 8)", logx=True)
     _peak_memory(report, "encoder-L4-H256-seq8", models, frozen, [1, 4] if quick else [1, 8, 32],
-                 8, modes=("merged", "merged (grouped)"))
+                 8, modes=("merged", "merged (grouped)", "merged (XLA)"))
     del models, frozen
     gc.collect()
 
@@ -442,7 +465,11 @@ def run(report, quick: bool) -> None:
         "SavedModel's prefixed signature: 'merged' = stock ops (what unmodified TF Serving "
         "loads), 'merged (grouped)' = merge(mode='grouped'), projections by per-model weights "
         "as tfweave's GroupedMatMul over [N, M, K] weights (opt-in; needs tfweave's op library "
-        "where it is served).")
+        "where it is served), 'merged (XLA)' = merge(jit_compile=True), the stock merge's "
+        "lifted graph compiled by XLA (stock ops; TF Serving runs it with "
+        "--xla_cpu_compilation_enabled=true). Small encoder at batch 1: every merge also "
+        "against both baselines compiled by XLA ('sequential, XLA', 'one tf.function, XLA'), "
+        "so the rows show how much of a gain is XLA's own.")
     report.notes.append(
         "ResNet-50 is merged two ways: conv_strategy='grouped' (one grouped Conv2D for N "
         "members, the paper's GPU formulation) and 'batched' (1x1 convs as one BatchMatMulV2, "
