@@ -5,8 +5,10 @@ graph up to their weights, stacks the N weight sets, and lifts every op over a m
 (MatMul -> BatchMatMulV2, Conv2D -> one grouped Conv2D, Gather -> offset lookup in one table,
 ...). The result is a SavedModel of stock TensorFlow ops that serves all N members in one run.
 ``merge(..., mode="grouped")`` runs the projections as tfweave's GroupedMatMul instead (faster
-on CPUs at small batches; the op library must be loaded where the model is served), and
-``mode="ragged"`` adds a signature for per-member batch sizes without padding.
+on CPUs at small batches; the op library must be loaded where the model is served),
+``mode="ragged"`` adds a signature for per-member batch sizes without padding, and
+``jit_compile=True`` has XLA compile the stock merge's graph (stock ops still; TF Serving
+runs it with ``--xla_cpu_compilation_enabled=true``).
 
     from tfweave import netfuse
     merged = netfuse.merge(["ft_a/1", "ft_b/1", "ft_c/1"], "merged/1")
