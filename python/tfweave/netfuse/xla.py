@@ -116,8 +116,8 @@ def compiled_core(core: Callable, output_names: list[str]) -> Callable:
         check = tf.debugging.Assert(
             tf.reduce_all(flags),
             ["merged model (XLA-compiled): an index out of range, or an integer division by "
-             "zero, reached the member graph's node(s) below; each member's own model fails there too:",
-             failed],
+             "zero, reached the member graph's node(s) below; each member's own model fails "
+             "there too:", failed],
             summarize=len(guarded_ops))
         with tf.control_dependencies([check]):
             return {name: tf.identity(out) for name, out in zip(output_names, outputs)}
