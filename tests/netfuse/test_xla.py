@@ -130,3 +130,16 @@ def test_xla_merge_refuses_a_graph_xla_cannot_compile_naming_the_op():
     assert netfuse.merge(models).run({0: {"image": np.zeros([1, 8, 8, 2], "float32")}})
     with pytest.raises(netfuse.MergeError, match="XLA cannot compile.*ResizeArea"):
         netfuse.merge(models, jit_compile=True)
+
+
+def test_xla_merge_of_fixed_batch_members_is_compiled_at_merge_time(rng, caplog):
+    import keras
+    models = []
+    for seed in range(2):
+        x = keras.Input((5,), batch_size=4, name="x")
+        models.append(arch.perturb(keras.Model(x, keras.layers.Dense(3)(x)), seed))
+    with caplog.at_level("WARNING", logger="tfweave.netfuse"):
+        merged = netfuse.merge(models, jit_compile=True)
+    assert "not checked at merge time" not in caplog.text
+    inputs = [{"x": rng.normal(size=(4, 5)).astype("float32")} for _ in range(2)]
+    assert_members_match(models, merged.run({0: inputs[0], 1: inputs[1]}), inputs)

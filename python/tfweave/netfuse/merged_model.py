@@ -818,8 +818,8 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
         # refused for ragged rows only: the stock mode pads members' batches and lifts it
         raise UnsupportedOpError(error.op, error.node, f"{error.reason}; merge with "
                                  f"mode='stock' or 'grouped' instead") from error
-    if jit_compile:
-        require_xla_compiles(concrete["prefixed"], total)
+    if jit_compile:  # the stacked signature: its specs carry a fixed batch, if any
+        require_xla_compiles(concrete["stacked"], total)
     report("lift", total, total)
     LOG.info("merged %d members: %d ops lifted, %.1f MB of weights", total, len(plan.order),
              weight_bytes / 2**20)
