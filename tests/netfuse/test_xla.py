@@ -143,3 +143,14 @@ def test_xla_merge_of_fixed_batch_members_is_compiled_at_merge_time(rng, caplog)
     assert "not checked at merge time" not in caplog.text
     inputs = [{"x": rng.normal(size=(4, 5)).astype("float32")} for _ in range(2)]
     assert_members_match(models, merged.run({0: inputs[0], 1: inputs[1]}), inputs)
+
+
+@pytest.mark.parametrize("conv_strategy", ["grouped", "batched"])
+def test_xla_merge_of_a_grouped_conv_cnn_matches_members(rng, conv_strategy):
+    # the channel-folded layout (grouped Conv2D over N x C channels) and the batched one,
+    # strided and dilated convolutions, pooling: all under XLA
+    models = [arch.perturb(arch.resnext_cnn(seed, image=12, width=8, cardinality=4, classes=3),
+                           seed + 100) for seed in range(3)]
+    merged = netfuse.merge(models, jit_compile=True, conv_strategy=conv_strategy)
+    inputs = [{"image": rng.normal(size=(b, 12, 12, 3)).astype("float32")} for b in (2, 1, 3)]
+    assert_members_match(models, merged.run({i: inputs[i] for i in range(3)}), inputs)
