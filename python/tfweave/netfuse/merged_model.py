@@ -12,9 +12,12 @@ On-disk contract (the ``tfweave serve`` part relies on it):
   batch axis, or rows that depend on the other rows), members must send equal batches or none.
 - ``assets/netfuse.json``: ``{"format": 1, "members": [{"name", "source", "index"}],
   "inputs": {name: {"dtype", "shape"}}, "outputs": {...}, "unpadded_outputs": [name],
-  "signatures": {...}, "mode": ...}``.
-- Stock TensorFlow ops only (mode ``"stock"``), so an unmodified TF Serving loads it. Modes
-  ``"ragged"`` and ``"grouped"`` use tfweave's GroupedMatMul op (``op_libraries`` names it).
+  "signatures": {...}, "mode": ..., "jit_compile": bool}`` (``jit_compile`` absent in models
+  merged before it existed: false).
+- Stock TensorFlow ops only (mode ``"stock"``), so an unmodified TF Serving loads it (with
+  ``jit_compile``, one function is marked for XLA: TF Serving needs
+  ``--xla_cpu_compilation_enabled=true``). Modes ``"ragged"`` and ``"grouped"`` use tfweave's
+  GroupedMatMul op (``op_libraries`` names it).
 """
 
 from __future__ import annotations
