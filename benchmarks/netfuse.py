@@ -15,7 +15,7 @@ tf.function, XLA").
 
 Cells: a small encoder (L=4, H=256, seq 8) at N = 1/4/8/16/32 and batch 1/4/16; BERT-base
 (L=12, H=768, seq 16) at N = 1/4 with batch 1/4/16 and N = 8 with batch 1/4 (N = 16 and 32
-would not fit in 24 GiB); Keras ResNet-50 (224x224, batched convs) at N = 1/4/8/16/32, batch 1,
+would not fit in 24 GiB), also compiled by XLA at N = 1/4; Keras ResNet-50 (224x224, batched convs) at N = 1/4/8/16/32, batch 1,
 plus batch 4 at N <= 8 and batch 16 at N <= 4 (32 sequential runs of 16 images take ~20 s a
 repeat), and with grouped convs at N = 4, batch 1. Memory: the merged
 model's weight bytes vs the N members' own, and the peak memory of loading and running the
@@ -169,8 +169,9 @@ def _cells(report, label, models, frozen, merge_kwargs, counts, batches, make_fe
            input_names, repeats, bandwidth=None, targets=None, flops=None,
            candidates=None, xla_baselines=()):
     """``batches``: the per-member batch sizes, or {N: batch sizes} where they depend on N.
-    ``candidates``: {row label: batches} for the merge modes in CANDIDATES (default: the
-    stock merge at every batch). ``xla_baselines``: batches at which every candidate is also
+    ``candidates``: {row label: batches, or {N: batches}} for the merges in CANDIDATES
+    (default: the stock merge at every batch); a candidate with no batch at an N is not
+    merged there. ``xla_baselines``: batches at which every candidate is also
     timed against both baselines compiled by XLA (context for the XLA-compiled merge)."""
     from tfweave import netfuse
     rng = np.random.default_rng(0)
@@ -180,11 +181,18 @@ def _cells(report, label, models, frozen, merge_kwargs, counts, batches, make_fe
         return batches[count] if isinstance(batches, dict) else batches
 
     candidates = candidates or {"merged": sorted({b for c in counts for b in batches_at(c)})}
+
+    def candidate_batches(name, count):
+        wanted = candidates[name]
+        return wanted.get(count, []) if isinstance(wanted, dict) else wanted
+
     speedups: dict[str, dict[int, dict[int, tuple[float, float]]]] = {}
     for count in counts:
         baselines = _Baselines(models[:count], input_names, specs)
         merges = {}
         for name in candidates:
+            if not candidate_batches(name, count):
+                continue
             start = time.perf_counter()
             merged = netfuse.merge(frozen[:count], **CANDIDATES[name], **merge_kwargs)
             merges[name] = (merged, time.perf_counter() - start)
@@ -194,7 +202,7 @@ def _cells(report, label, models, frozen, merge_kwargs, counts, batches, make_fe
         for batch in batches_at(count):
             feeds = [make_feed(rng, batch) for _ in range(count)]
             for name, (merged, merge_s) in merges.items():
-                if batch in candidates[name]:
+                if batch in candidate_batches(name, count):
                     _cell(report, label, name, merged, merge_s, baselines, feeds, count, batch,
                           member_bytes, repeats, bandwidth, targets, flops, models[0],
                           speedups.setdefault(name, {}))
@@ -401,9 +409,14 @@ def _bert_base(report, quick):
     models = [arch.perturb(arch.bert_encoder(seed, **config), seed)
               for seed in range(max(counts))]
     frozen = [freeze_member(m, i) for i, m in enumerate(models)]
+    # XLA at N <= 4: at N = 8 a second merged copy of the weights (3.3 GB) and XLA's compile
+    # took the process to 20.8 GB of the machine's 24 (a scratch run)
+    xla = {count: batches[count] for count in counts if count <= 4}
     _cells(report, label, models, frozen, {}, counts, batches,
            lambda rng, b: _token_feed(rng, b, 16, config["vocab"]), _encoder_specs(),
-           ["token_ids", "padding_mask"], repeats=3 if quick else 5)
+           ["token_ids", "padding_mask"], repeats=3 if quick else 5,
+           candidates={"merged": sorted({b for c in counts for b in batches[c]}),
+                       "merged (XLA)": xla})
     _peak_memory(report, label, models, frozen, counts[-1:], 16)
     del models, frozen
     gc.collect()
