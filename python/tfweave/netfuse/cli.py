@@ -34,7 +34,8 @@ def configure_parser(parser) -> None:
                              "op per member (faster on CPUs)")
     parser.add_argument("--jit-compile", action="store_true",
                         help="(stock mode) run the merged graph as one XLA-compiled function: "
-                             "stock ops still, faster on CPUs at small batches; TF Serving "
+                             "stock ops still, faster on CPUs at a few rows per member (not "
+                             "at 64 or more); TF Serving "
                              "needs --xla_cpu_compilation_enabled=true to run it")
     parser.add_argument("--no-channel-layout", action="store_true",
                         help="keep every tensor model-major (debugging aid)")

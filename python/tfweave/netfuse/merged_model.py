@@ -728,7 +728,8 @@ def merge(paths_or_models: Iterable, output_dir: str | None = None, *,
         best on GPUs) or ``"batched"`` (1x1 convolutions as one BatchMatMulV2, wider ones as N
         Conv2D ops side by side in the graph; faster on CPUs). Both are stock ops, no loops.
       jit_compile: (stock mode) the merged graph runs as one XLA-compiled function: still
-        stock ops, faster on CPUs at small batches, compiled once per input shape. TF
+        stock ops, faster on CPUs at a few rows per member (slower from about 64: XLA's
+        batched dot loses to oneDNN's there), compiled once per input shape. TF
         Serving runs it with ``--xla_cpu_compilation_enabled=true`` only. Bad gather indices
         still fail as in the members (see ``tfweave.netfuse.xla``). The merge compiles it
         once on zeros and refuses it, naming the op, if XLA cannot.
