@@ -88,6 +88,8 @@ def test_xla_merge_fails_on_an_out_of_vocabulary_id_as_the_member_does(encoders,
 def test_index_guards_cover_gathers_segments_and_integer_division():
     import tensorflow as tf
 
+    # the guarded ops' own outputs are not fetched, so TF prunes them and bad indices reach
+    # only the guards
     @tf.function(autograph=False)
     def ops(params, ids, segments, divisor, fdivisor):
         tf.gather(params, ids, axis=1)
@@ -102,7 +104,7 @@ def test_index_guards_cover_gathers_segments_and_integer_division():
 
     def run(ids=(0, 2), segments=(0, 1, 2), divisor=(1, 2)):
         flags = ops(params, tf.constant(ids), tf.constant(segments), tf.constant(divisor),
-                       tf.constant(1.0))
+                    tf.constant(1.0))
         return flags.numpy().tolist()
 
     assert run() == [True, True, True, True]
