@@ -1616,7 +1616,7 @@ def lift(plan: LiftPlan, lifter: Lifter, inputs: dict[str, Value]) -> dict[str, 
         return value
 
     order, fused = plan.for_lifter(lifter)
-    graph, previous = None, None
+    graph = None
     if lifter.origins is not None:
         import tensorflow as tf
         graph = tf.compat.v1.get_default_graph()
@@ -1628,11 +1628,6 @@ def lift(plan: LiftPlan, lifter: Lifter, inputs: dict[str, Value]) -> dict[str, 
                 raise UnsupportedOpError(node.op, node.name, "a placeholder outside the "
                                          "serving signature")
             continue
-        if graph is not None:
-            emitted = graph.get_operations()[known:]
-            known += len(emitted)
-            lifter.origins.update((op.name, previous) for op in emitted)
-            previous = name
         ins = [value_of(t, node) for t in _inputs(node, fused)]
         node = fused.get(name, node)
         if not any(v.per_model for v in ins) and not isinstance(node, FusedNode):
@@ -1654,10 +1649,12 @@ def lift(plan: LiftPlan, lifter: Lifter, inputs: dict[str, Value]) -> dict[str, 
                     node.op, node.name, "no merge rule for this op on per-model tensors"
                     + (" in ragged mode" if rules is not RULES else ""))
             outs = handler(lifter, node, ins)
+        if graph is not None:   # the ops just emitted came from this node
+            emitted = graph.get_operations()[known:]
+            known += len(emitted)
+            lifter.origins.update((op.name, name) for op in emitted)
         for index, value in enumerate(outs):
             if value is not None:
                 values[(name, index)] = value
-    if graph is not None:
-        lifter.origins.update((op.name, previous) for op in graph.get_operations()[known:])
     return {info.name: value_of(tensor_of(info.tensor), nodes[tensor_of(info.tensor)[0]])
             for info in member.outputs}
