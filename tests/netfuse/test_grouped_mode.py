@@ -72,22 +72,23 @@ def test_grouped_mode_replaces_every_dense_projection_by_grouped_matmul(rng):
     assert grouped.metadata["mode"] == "grouped"
 
 
-def _projection_module(seed):
+def _projection_module(seed, k: int = 6):
     """A tf.Module with MatMul(transpose_b), a plain MatMul, and an Einsum contracting two
-    axes (an attention output projection), each by its own weights."""
+    axes (an attention output projection), each by its own weights. At k = 16 the first
+    projection's merged weight takes GroupedMatMul's blocked layout (M = 12, K = 16)."""
     import tensorflow as tf
 
     class Projections(tf.Module):
         def __init__(self):
             r = np.random.default_rng(seed)
-            self.wt = tf.Variable(r.normal(size=(12, 6)).astype("float32"))  # [M, K]
+            self.wt = tf.Variable(r.normal(size=(12, k)).astype("float32"))  # [M, K]
             self.w = tf.Variable(r.normal(size=(12, 9)).astype("float32"))
             self.heads = tf.Variable(r.normal(size=(3, 3, 5)).astype("float32"))
 
-        @tf.function(input_signature=[tf.TensorSpec([None, 4, 6], tf.float32, name="x")])
+        @tf.function(input_signature=[tf.TensorSpec([None, 4, k], tf.float32, name="x")])
         def serve(self, x):
             batch = tf.shape(x)[0]
-            h = tf.matmul(tf.reshape(x, [batch * 4, 6]), self.wt, transpose_b=True)
+            h = tf.matmul(tf.reshape(x, [batch * 4, k]), self.wt, transpose_b=True)
             h = tf.nn.relu(tf.matmul(h, self.w))                       # [B*4, 9]
             h = tf.reshape(h, [batch, 4, 3, 3])
             return {"y": tf.einsum("abcd,cde->abe", h, self.heads)}  # [B, 4, 5]
@@ -95,14 +96,19 @@ def _projection_module(seed):
     return Projections()
 
 
-def test_grouped_saved_model_reloads_with_the_op_library_in_both_loaders(tmp_path, rng):
+@pytest.mark.parametrize("k", [6, 16])
+def test_grouped_saved_model_reloads_with_the_op_library_in_both_loaders(tmp_path, rng, k):
     import tensorflow as tf
-    modules = [_projection_module(seed) for seed in range(3)]
+    modules = [_projection_module(seed, k) for seed in range(3)]
     paths = save_modules(modules, tmp_path, "member")
     out = str(tmp_path / "merged" / "1")
     merged = netfuse.merge(paths, out, mode="grouped")
-    assert _graph_ops(merged.functions["prefixed"]).count("GroupedMatMul") == 3
-    xs = [rng.normal(size=(b, 4, 6)).astype("float32") for b in (2, 2, 1)]
+    products = [n for n in _graph_nodes(merged.functions["prefixed"])
+                if n.op == "GroupedMatMul"]
+    assert len(products) == 3
+    # only the [12, 16] weight has M % 4 == 0 and K % 16 == 0: it alone is stored blocked
+    assert sum(n.attr["w_blocked"].b for n in products) == (1 if k == 16 else 0)
+    xs = [rng.normal(size=(b, 4, k)).astype("float32") for b in (2, 2, 1)]
     want = [module.serve(tf.constant(x))["y"].numpy() for module, x in zip(modules, xs)]
 
     loaded = netfuse.load_merged(out)  # loads the op library it names

@@ -411,3 +411,86 @@ def test_grouped_layer_norm_rejects_bad_sizes_and_shapes_naming_them(gmm):
         gmm.grouped_layer_norm(x, [1, 2], gamma, gamma)
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="gamma|beta|H"):
         gmm.grouped_layer_norm(x, [2, 2], gamma, np.ones((2, 4), np.float32))
+
+
+# ---- the blocked weight layout (w_blocked): [G, M/4, K/16, 4, 16] of the [G, M, K] weights
+
+def test_block_weights_places_each_element_where_the_layout_says_and_round_trips(gmm):
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((2, 8, 32)).astype(np.float32)
+    blocked = gmm.block_weights(w).numpy()
+    assert blocked.shape == (2, 2, 2, 4, 16)
+    for g, row, col in [(0, 0, 0), (1, 7, 31), (0, 5, 17), (1, 3, 16)]:
+        assert blocked[g, row // 4, col // 16, row % 4, col % 16] == w[g, row, col]
+    np.testing.assert_array_equal(gmm.unblock_weights(blocked).numpy(), w)
+    with pytest.raises(ValueError, match=r"M % 4 == 0 and K % 16 == 0"):
+        gmm.block_weights(np.zeros((1, 6, 32), np.float32))
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+def test_blocked_weights_give_what_the_plain_layout_gives(gmm, activation):
+    # every row plan of the few-row kernel (4-row blocks, 5 or 6, 1-3 left), an empty group,
+    # and a group past 32 rows (the kernel then unblocks the tile and packs it as usual)
+    sizes = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 33])
+    k, m = 64, 36
+    x, w, bias = _problem(sizes, k, m, seed=5)
+    w_mk = np.ascontiguousarray(w.transpose(0, 2, 1))
+    blocked = gmm.block_weights(w_mk)
+    plain = gmm.grouped_matmul(x, w_mk, sizes, bias, transpose_w=True, activation=activation)
+    got = gmm.grouped_matmul(x, blocked, sizes, bias, transpose_w=True, activation=activation)
+    np.testing.assert_allclose(got.numpy(), plain.numpy(), rtol=1e-6, atol=1e-6)
+    if activation == "none":
+        np.testing.assert_allclose(got.numpy(), _numpy_reference(x, w, sizes, bias),
+                                   rtol=1e-4, atol=1e-4)
+        without_bias = gmm.grouped_matmul(x, blocked, sizes, transpose_w=True)
+        np.testing.assert_allclose(without_bias.numpy(), _numpy_reference(x, w, sizes),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_blocked_weights_split_across_column_tiles_match(gmm):
+    # one group of few rows: the op splits M into column tiles, each starting on a 4-row block
+    sizes = np.array([3])
+    x, w, bias = _problem(sizes, 32, 1024, seed=6)
+    blocked = gmm.block_weights(np.ascontiguousarray(w.transpose(0, 2, 1)))
+    got = gmm.grouped_matmul(x, blocked, sizes, bias, transpose_w=True)
+    np.testing.assert_allclose(got.numpy(), _numpy_reference(x, w, sizes, bias),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(tf.bfloat16, 0.1), (tf.float16, 2e-2)])
+def test_blocked_weights_in_low_precision_match_the_float_reference(gmm, dtype, tolerance):
+    sizes = np.array([2, 5, 0, 8])
+    x, w, bias = _problem(sizes, 32, 8, seed=7)
+    blocked = gmm.block_weights(np.ascontiguousarray(w.transpose(0, 2, 1)))
+    got = gmm.grouped_matmul(tf.cast(x, dtype), tf.cast(blocked, dtype), sizes,
+                             tf.cast(bias, dtype), transpose_w=True)
+    want = _numpy_reference(x, w, sizes, bias)
+    np.testing.assert_allclose(tf.cast(got, tf.float32).numpy(), want,
+                               rtol=tolerance, atol=tolerance * np.abs(want).max())
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_gradients_through_blocked_weights_are_the_plain_gradients_blocked(gmm, activation):
+    sizes = tf.constant([3, 0, 6])
+    x, w, bias = _problem([3, 0, 6], 16, 8, seed=8)
+    w_mk = tf.constant(np.ascontiguousarray(w.transpose(0, 2, 1)))
+    x, bias = tf.constant(x), tf.constant(bias)
+    blocked = gmm.block_weights(w_mk)
+    grads = {}
+    for name, weights in (("plain", w_mk), ("blocked", blocked)):
+        with tf.GradientTape() as tape:
+            tape.watch([x, weights, bias])
+            y = gmm.grouped_matmul(x, weights, sizes, bias, transpose_w=True,
+                                   activation=activation)
+            loss = tf.reduce_sum(y * y)
+        grads[name] = tape.gradient(loss, [x, weights, bias])
+    dx, dw, dbias = grads["blocked"]
+    assert dw.shape == blocked.shape
+    np.testing.assert_allclose(dx, grads["plain"][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gmm.unblock_weights(dw), grads["plain"][1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dbias, grads["plain"][2], rtol=1e-5, atol=1e-5)
+    # and against finite differences, through the blocked op itself
+    _assert_gradient_matches_numeric(
+        lambda a, b, c: gmm.grouped_matmul(a, b, sizes, c, transpose_w=True,
+                                           activation=activation),
+        [x, blocked, bias], delta=1e-2)

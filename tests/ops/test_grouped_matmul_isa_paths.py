@@ -29,9 +29,11 @@ CHECK = textwrap.dedent("""
     # (sizes, K, M): remainders against the 14/6-row, 32/16-column and 8x8 transpose blocks,
     # depths across the 256-deep blocks, and more rows than one 252-row block; for the
     # few-row dot kernel (transpose_w): every row plan (4-row blocks, then 1-3 rows or one
-    # block of 5 or 6), depths with and without a partial 16-vector, 4-column remainders.
+    # block of 5 or 6), depths with and without a partial 16-vector, 4-column remainders;
+    # blocked weights (w_blocked) where M % 4 == 0 and K % 16 == 0, past 32 rows too.
     for sizes, k, m in [([15, 0, 7, 1], 70, 45), ([300, 3], 9, 33), ([5, 13], 600, 17),
-                        ([0, 29], 257, 64), ([2], 1, 1), ([6, 10, 4, 32], 48, 22)]:
+                        ([0, 29], 257, 64), ([2], 1, 1), ([6, 10, 4, 32], 48, 22),
+                        ([1, 2, 3, 4, 5, 6, 7, 8, 33, 0], 64, 36)]:
         sizes = np.array(sizes)
         x = rng.standard_normal((sizes.sum(), k)).astype(np.float32)
         w = rng.standard_normal((len(sizes), k, m)).astype(np.float32)
@@ -43,6 +45,11 @@ CHECK = textwrap.dedent("""
         bias = rng.standard_normal((len(sizes), m)).astype(np.float32)
         activated = {name: gmm.grouped_matmul(x, w, sizes, bias, activation=name).numpy()
                      for name in ACTIVATIONS}
+        blocked = None
+        if k % 16 == 0 and m % 4 == 0:
+            blocked = gmm.grouped_matmul(
+                x, gmm.block_weights(np.ascontiguousarray(w.transpose(0, 2, 1))), sizes, bias,
+                transpose_w=True, activation="gelu").numpy()
         dw = gmm.grouped_matmul_weight_grad(x, dy, sizes).numpy()
         dwt = gmm.grouped_matmul_weight_grad(x, dy, sizes, transpose_w=True).numpy()
         for g in range(len(sizes)):
@@ -57,6 +64,8 @@ CHECK = textwrap.dedent("""
             for name, act in ACTIVATIONS.items():
                 want = act(ref + bias[g])
                 worst = max(worst, np.abs(activated[name][rows] - want).max(initial=0) / scale)
+                if blocked is not None and name == "gelu":
+                    worst = max(worst, np.abs(blocked[rows] - want).max(initial=0) / scale)
         # GroupedLayerNorm (vectorised on AVX-512, scalar otherwise), H = m: tails of 16 too
         gamma = rng.standard_normal((len(sizes), m)).astype(np.float32)
         beta = rng.standard_normal((len(sizes), m)).astype(np.float32)

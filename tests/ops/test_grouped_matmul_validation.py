@@ -169,3 +169,25 @@ def test_fuzzed_inputs_either_match_the_reference_or_raise_invalid_argument(gmm)
     # The process is still healthy: a normal call after the fuzzing works.
     y = gmm.grouped_matmul(tf.ones([3, 2]), tf.ones([2, 2, 2]), [1, 2])
     np.testing.assert_array_equal(y.numpy(), np.full((3, 2), 2.0))
+
+
+def test_blocked_weights_are_validated_naming_the_layout(gmm):
+    ops = gmm.load_ops()
+    x, sizes = tf.ones([4, 32]), tf.constant([1, 3])
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="w_blocked needs transpose_w"):
+        ops.grouped_mat_mul(x, tf.ones([2, 1, 2, 4, 16]), sizes, w_blocked=True)
+    with pytest.raises(ValueError, match="pass transpose_w=True"):
+        gmm.grouped_matmul(x, tf.ones([2, 1, 2, 4, 16]), sizes)
+    # eager calls reach the kernel's checks: a wrong block shape, a K that is not x's
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"w_blocked: w must be \[G, M / 4"):
+        ops.grouped_mat_mul(x, tf.ones([2, 1, 2, 8, 8]), sizes, transpose_w=True,
+                            w_blocked=True)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"x has K = 32 columns but w .* "
+                                                            r"has K = 48 \(w_blocked"):
+        ops.grouped_mat_mul(x, tf.ones([2, 1, 3, 4, 16]), sizes, transpose_w=True,
+                            w_blocked=True)
+    # a graph whose static shapes disagree fails at trace time, naming the mismatch
+    with pytest.raises(ValueError, match="must be equal|Dimensions must be"):
+        tf.function(lambda: ops.grouped_mat_mul(x, tf.ones([2, 1, 3, 4, 16]), sizes,
+                                                transpose_w=True, w_blocked=True)
+                    ).get_concrete_function()

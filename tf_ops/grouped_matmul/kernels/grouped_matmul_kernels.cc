@@ -96,7 +96,10 @@ void GroupedMatMulFloat(OpKernelContext* ctx, const functor::GroupedMatMulProble
   RunTiles(ctx, tiles, p.rows * k * m, [&](const Tile& t) {
     const int64_t rows = t.row_end - t.row_begin, cols = t.col_end - t.col_begin;
     MatrixMap out(y + t.row_begin * m + t.col_begin, rows, cols, Eigen::OuterStride<>(m));
+    // The tile's columns of w[g]: for a transposed w, rows col_begin.. of [M, K], which start
+    // at the same offset in the blocked layout (column tiles are multiples of 4 wide there).
     const float* wg = w + t.group * k * m;
+    const float* w_tile = p.transpose_w ? wg + t.col_begin * k : wg + t.col_begin;
     tfweave::gemm::Operands gemm;
     gemm.rows = rows;
     gemm.cols = cols;
@@ -104,22 +107,33 @@ void GroupedMatMulFloat(OpKernelContext* ctx, const functor::GroupedMatMulProble
     gemm.a = x + t.row_begin * k;
     gemm.a_row_stride = k;
     gemm.a_depth_stride = 1;
-    gemm.b = p.transpose_w ? wg + t.col_begin * k : wg + t.col_begin;
+    gemm.b = w_tile;
     gemm.b_depth_stride = p.transpose_w ? 1 : m;
     gemm.b_col_stride = p.transpose_w ? k : 1;
     gemm.c = y + t.row_begin * m + t.col_begin;
     gemm.ldc = m;
-    if (tfweave::gemm::Multiply(gemm)) {
+    bool done = false;
+    if (p.w_blocked) {
+      done = tfweave::gemm::MultiplyBlocked(gemm);
+      if (!done) {  // no blocked kernel for this CPU or this many rows: unblock the tile's w
+        static thread_local std::vector<float> plain;
+        plain.resize(cols * k);
+        tfweave::gemm::Unblock(w_tile, cols, k, plain.data());
+        w_tile = plain.data();
+        gemm.b = w_tile;
+      }
+    }
+    if (done || tfweave::gemm::Multiply(gemm)) {
       // The SIMD kernel wrote the tile.
     } else if (k == 0) {
       out.setZero();
     } else {
       ConstMatrixMap lhs(x + t.row_begin * k, rows, k, Eigen::OuterStride<>(k));
       if (p.transpose_w) {  // w_g is [M, K]: the tile's columns are rows of w_g
-        ConstMatrixMap rhs_t(wg + t.col_begin * k, cols, k, Eigen::OuterStride<>(k));
+        ConstMatrixMap rhs_t(w_tile, cols, k, Eigen::OuterStride<>(k));
         out.noalias() = lhs * rhs_t.transpose();
       } else {
-        ConstMatrixMap rhs(wg + t.col_begin, k, cols, Eigen::OuterStride<>(m));
+        ConstMatrixMap rhs(w_tile, k, cols, Eigen::OuterStride<>(m));
         out.noalias() = lhs * rhs;
       }
     }
@@ -274,6 +288,10 @@ class GroupedMatMulOp : public OpKernel {
  public:
   explicit GroupedMatMulOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose_w", &transpose_w_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("w_blocked", &w_blocked_));
+    OP_REQUIRES(ctx, !w_blocked_ || transpose_w_,
+                errors::InvalidArgument(type_string(), ": w_blocked needs transpose_w (the "
+                                        "blocked layout is that of w[g] as [M, K])"));
     if (kHasBias) {
       std::string activation;
       OP_REQUIRES_OK(ctx, ctx->GetAttr("activation", &activation));
@@ -297,17 +315,24 @@ class GroupedMatMulOp : public OpKernel {
     OP_REQUIRES(ctx, x.dims() == 2,
                 errors::InvalidArgument(op, ": x must be a matrix [T, K], got shape ",
                                         x.shape().DebugString()));
-    OP_REQUIRES(ctx, w.dims() == 3,
-                errors::InvalidArgument(op, ": w must be [G, ", transpose_w_ ? "M, K" : "K, M",
-                                        "], got shape ", w.shape().DebugString()));
+    if (w_blocked_) {
+      OP_REQUIRES(ctx, w.dims() == 5 && w.dim_size(3) == 4 && w.dim_size(4) == 16,
+                  errors::InvalidArgument(op, ": w_blocked: w must be [G, M / 4, K / 16, 4, 16],"
+                                          " got shape ", w.shape().DebugString()));
+    } else {
+      OP_REQUIRES(ctx, w.dims() == 3,
+                  errors::InvalidArgument(op, ": w must be [G, ", transpose_w_ ? "M, K" : "K, M",
+                                          "], got shape ", w.shape().DebugString()));
+    }
     const int64_t rows = x.dim_size(0), k = x.dim_size(1), groups = w.dim_size(0);
-    const int64_t w_k = w.dim_size(transpose_w_ ? 2 : 1);
-    const int64_t m = w.dim_size(transpose_w_ ? 1 : 2);
+    const int64_t w_k = w_blocked_ ? 16 * w.dim_size(2) : w.dim_size(transpose_w_ ? 2 : 1);
+    const int64_t m = w_blocked_ ? 4 * w.dim_size(1) : w.dim_size(transpose_w_ ? 1 : 2);
     OP_REQUIRES(ctx, w_k == k,
                 errors::InvalidArgument(op, ": x has K = ", k, " columns but w ",
                                         w.shape().DebugString(), " has K = ", w_k,
-                                        transpose_w_ ? " (transpose_w: w is [G, M, K])"
-                                                     : " (w is [G, K, M])"));
+                                        w_blocked_ ? " (w_blocked: w is [G, M/4, K/16, 4, 16])"
+                                        : transpose_w_ ? " (transpose_w: w is [G, M, K])"
+                                                       : " (w is [G, K, M])"));
     std::vector<int64_t> offsets;
     OP_REQUIRES_OK(ctx, GroupOffsets<Tidx>(op, group_sizes, groups, rows, &offsets));
     const T* bias_data = nullptr;
@@ -328,6 +353,7 @@ class GroupedMatMulOp : public OpKernel {
     problem.k = k;
     problem.m = m;
     problem.transpose_w = transpose_w_;
+    problem.w_blocked = w_blocked_;
     problem.activation = activation_;
     problem.offsets = offsets.data();
     OP_REQUIRES_OK(ctx, functor::GroupedMatMulFunctor<Device, T>()(
@@ -337,6 +363,7 @@ class GroupedMatMulOp : public OpKernel {
 
  private:
   bool transpose_w_ = false;
+  bool w_blocked_ = false;
   functor::Activation activation_ = functor::Activation::kNone;
 };
 

@@ -79,7 +79,7 @@ __device__ __forceinline__ float Activate(Activation activation, float z) {
 
 template <typename T>
 __global__ void GroupedMatMulKernel(GroupTable table, int64_t k, int64_t m, bool transpose_w,
-                                    Activation activation, const T* __restrict__ x, const T* __restrict__ w,
+                                    bool w_blocked, Activation activation, const T* __restrict__ x, const T* __restrict__ w,
                                     const T* __restrict__ bias, T* __restrict__ y) {
   __shared__ float x_tile[kTile][kTile + 1];
   __shared__ float w_tile[kTile][kTile + 1];
@@ -100,8 +100,8 @@ __global__ void GroupedMatMulKernel(GroupTable table, int64_t k, int64_t m, bool
       // M for w[g] as [K, M], along K (storing transposed) for w[g] as [M, K].
       if (transpose_w) {
         const int64_t tile_col = int64_t{blockIdx.y} * kTile + r;
-        w_tile[threadIdx.x][r] =
-            (kk < k && tile_col < m) ? ToFloat(wg[tile_col * k + kk]) : 0.0f;
+        const int64_t at = w_blocked ? BlockedWeightIndex(tile_col, kk, k) : tile_col * k + kk;
+        w_tile[threadIdx.x][r] = (kk < k && tile_col < m) ? ToFloat(wg[at]) : 0.0f;
       } else {
         const int64_t wk = k0 + r;
         w_tile[r][threadIdx.x] = (wk < k && col < m) ? ToFloat(wg[wk * m + col]) : 0.0f;
@@ -200,7 +200,7 @@ const char* LaunchGroupedMatMulGpu(void* stream, const GroupedMatMulProblem& p, 
     if (row_tiles == 0) continue;  // only empty groups: nothing to launch
     GroupedMatMulKernel<T><<<dim3(row_tiles, static_cast<unsigned>(col_tiles)),
                              dim3(kTile, kRowsPerPass), 0, static_cast<cudaStream_t>(stream)>>>(
-        table, p.k, p.m, p.transpose_w, p.activation, x, w, bias, y);
+        table, p.k, p.m, p.transpose_w, p.w_blocked, p.activation, x, w, bias, y);
     const cudaError_t error = cudaGetLastError();
     if (error != cudaSuccess) return cudaGetErrorString(error);
   }

@@ -27,9 +27,25 @@ struct GroupedMatMulProblem {
   int64_t k = 0;
   int64_t m = 0;
   bool transpose_w = false;  // w[g] is [M, K] instead of [K, M]
+  bool w_blocked = false;    // w[g] is [M, K] stored blocked: see BlockedWeightIndex
   Activation activation = Activation::kNone;  // applied after the bias
   const int64_t* offsets = nullptr;
 };
+
+#ifdef __CUDACC__
+#define TFWEAVE_HOST_DEVICE __host__ __device__
+#else
+#define TFWEAVE_HOST_DEVICE
+#endif
+
+// The blocked weight layout (`w_blocked`): w[g] holds the [M, K] matrix as [M / 4, K / 16, 4,
+// 16], i.e. element (row, col) of w[g] is at this offset. Each block of 4 rows is then one
+// contiguous run that the CPU kernel reads front to back, 64 bytes of each row in turn, where
+// the plain [M, K] layout has it read 4 rows side by side (4 streams). M % 4 == 0 and
+// K % 16 == 0. The block of rows 4b..4b+3 starts where the plain layout's row 4b does.
+TFWEAVE_HOST_DEVICE inline int64_t BlockedWeightIndex(int64_t row, int64_t col, int64_t k) {
+  return (row / 4) * 4 * k + (col / 16) * 64 + (row % 4) * 16 + col % 16;
+}
 
 // IEEE half precision as raw bits: layout-compatible with Eigen::half and CUDA's __half.
 struct HalfBits {

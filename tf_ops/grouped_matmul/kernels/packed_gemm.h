@@ -37,6 +37,17 @@ const char* SelectedIsa();
 // nothing) when the CPU has neither AVX-512F nor AVX2+FMA, or scratch memory runs out.
 bool Multiply(const Operands& operands);
 
+// The same product with B blocked (GroupedMatMul's w_blocked layout, BlockedWeightIndex):
+// `b` points at the block of B's first 4 columns (rows of w[g] as [M, K]), cols % 4 == 0,
+// depth % 16 == 0, A's rows contiguous along the depth. Returns false (and writes nothing)
+// where it has no kernel: CPUs without AVX-512F, or more rows than the dot form pays for; the
+// caller then unblocks B (Unblock) and calls Multiply.
+bool MultiplyBlocked(const Operands& operands);
+
+// out[r * depth + c] = the blocked matrix's (r, c), for r < rows (a multiple of 4) and
+// c < depth (a multiple of 16): the plain [rows, depth] layout.
+void Unblock(const float* blocked, int64_t rows, int64_t depth, float* out);
+
 using Activation = tensorflow::functor::Activation;
 
 // c[i * ldc + j] = act(c[i * ldc + j]) for i < rows, j < cols; vectorised on AVX-512 CPUs

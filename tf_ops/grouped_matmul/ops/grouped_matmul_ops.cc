@@ -10,6 +10,7 @@
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/platform/errors.h"
 
 namespace tensorflow {
 namespace {
@@ -18,18 +19,33 @@ using shape_inference::DimensionHandle;
 using shape_inference::InferenceContext;
 using shape_inference::ShapeHandle;
 
-// x [T, K], w [G, K, M] (or [G, M, K] with transpose_w), group_sizes [G] -> y [T, M].
+// x [T, K], w [G, K, M] (or [G, M, K] with transpose_w, or [G, M / 4, K / 16, 4, 16] with
+// w_blocked), group_sizes [G] -> y [T, M].
 absl::Status GroupedMatMulShape(InferenceContext* c) {
   ShapeHandle x, w, sizes;
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 3, &w));
-  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 1, &sizes));
-  bool transpose_w = false;
+  bool transpose_w = false, w_blocked = false;
   TF_RETURN_IF_ERROR(c->GetAttr("transpose_w", &transpose_w));
+  TF_RETURN_IF_ERROR(c->GetAttr("w_blocked", &w_blocked));
+  if (w_blocked && !transpose_w) {
+    return errors::InvalidArgument("w_blocked needs transpose_w: the blocked layout is that of "
+                                   "w[g] as [M, K]");
+  }
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), w_blocked ? 5 : 3, &w));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 1, &sizes));
   DimensionHandle groups, k, m;
   TF_RETURN_IF_ERROR(c->Merge(c->Dim(w, 0), c->Dim(sizes, 0), &groups));
-  TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, 1), c->Dim(w, transpose_w ? 2 : 1), &k));
-  m = c->Dim(w, transpose_w ? 1 : 2);
+  if (w_blocked) {
+    DimensionHandle four, sixteen, w_k;
+    TF_RETURN_IF_ERROR(c->WithValue(c->Dim(w, 3), 4, &four));
+    TF_RETURN_IF_ERROR(c->WithValue(c->Dim(w, 4), 16, &sixteen));
+    TF_RETURN_IF_ERROR(c->Multiply(c->Dim(w, 2), 16, &w_k));
+    TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, 1), w_k, &k));
+    TF_RETURN_IF_ERROR(c->Multiply(c->Dim(w, 1), 4, &m));
+  } else {
+    TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, 1), c->Dim(w, transpose_w ? 2 : 1), &k));
+    m = c->Dim(w, transpose_w ? 1 : 2);
+  }
   if (c->num_inputs() > 3) {  // GroupedMatMulBias: bias [G, M]
     ShapeHandle bias;
     TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 2, &bias));
@@ -104,6 +120,7 @@ REGISTER_OP("GroupedMatMul")
     .Attr("T: {float, bfloat16, half}")
     .Attr("Tidx: {int32, int64} = DT_INT32")
     .Attr("transpose_w: bool = false")
+    .Attr("w_blocked: bool = false")
     .SetShapeFn(GroupedMatMulShape)
     .Doc(R"doc(
 Multiplies each contiguous group of rows of `x` by that group's weight matrix.
@@ -117,6 +134,9 @@ w: [G, K, M], one weight per group ([G, M, K] when `transpose_w`).
 group_sizes: [G], non-negative, summing to T.
 y: [T, M].
 transpose_w: w holds each group's weight transposed, as [M, K].
+w_blocked: w holds each group's [M, K] weight (needs transpose_w) as [M / 4, K / 16, 4, 16]:
+  w[g, i, j, r, c] is row 4 i + r, column 16 j + c. Each block of 4 rows is one contiguous
+  run read front to back, which streams faster from memory at a few rows per group.
 )doc");
 
 REGISTER_OP("GroupedMatMulBias")
@@ -128,6 +148,7 @@ REGISTER_OP("GroupedMatMulBias")
     .Attr("T: {float, bfloat16, half}")
     .Attr("Tidx: {int32, int64} = DT_INT32")
     .Attr("transpose_w: bool = false")
+    .Attr("w_blocked: bool = false")
     .Attr("activation: {'none', 'relu', 'gelu'} = 'none'")
     .SetShapeFn(GroupedMatMulShape)
     .Doc(R"doc(
