@@ -3,9 +3,9 @@
 ``python -m benchmarks.netfuse_trace [PATH] [--signature stacked] [--runs 10]`` loads a merged
 SavedModel with the TF1 session loader that TF Serving uses, runs one signature on one row per
 member (integer inputs ones, float inputs random, unknown axes past the batch ``--length``,
-default 8), and step-traces a few runs. For each traced run it takes the union of the time intervals in which
-a weight-streaming op ran (any matmul, einsum or convolution), the union for
-every other op, and the time in which no op ran at all. It also times, in the same session, a
+default 8), and step-traces a few runs. For each traced run it takes the union of the time
+intervals in which a weight-streaming op ran (any matmul, einsum or convolution), the union
+for every other op, and the time in which no op ran at all. It also times, in the same session, a
 reduction over every variable of 4 MB or more (the same bytes the bound counts), so the
 streaming ops' own read rate and the memory-bandwidth bound are measured on the same memory in
 the same process. Prints one JSON line.
@@ -133,11 +133,11 @@ def trace(path: str, signature_key: str = "stacked", runs: int = 10, repeats: in
             read_s.append(timed(read))
         steps = []
         for _ in range(runs):
-            metadata = tf.compat.v1.RunMetadata()
-            session.run(fetches, feeds, run_metadata=metadata,
+            run_metadata = tf.compat.v1.RunMetadata()
+            session.run(fetches, feeds, run_metadata=run_metadata,
                         options=tf.compat.v1.RunOptions(
                             trace_level=tf.compat.v1.RunOptions.FULL_TRACE))
-            steps.append(split_step(metadata.step_stats))
+            steps.append(split_step(run_metadata.step_stats))
     read_gbs = weight_bytes / float(np.median(read_s)) / 1e9 if big else None
     bound_s = all_bytes / (read_gbs * 1e9) if big else None
     split = {key: float(np.median([s[key] for s in steps])) for key in steps[0]}
