@@ -360,15 +360,19 @@ def _encoder_specs():
             "padding_mask": tf.TensorSpec([None, None], tf.int32)}
 
 
-def _small_encoder(report, quick, bandwidth):
+def small_encoder_members(count: int):
+    """``count`` small encoders (``SMALL``) and their frozen members, perturbed like fine-tuned
+    copies: no weight (bias, norm scale) is shared by accident."""
     from tfweave.netfuse import architectures as arch
     from tfweave.netfuse.sources import freeze_member
+    models = [arch.perturb(arch.bert_encoder(seed, **SMALL), seed) for seed in range(count)]
+    return models, [freeze_member(m, i) for i, m in enumerate(models)]
+
+
+def _small_encoder(report, quick, bandwidth):
     counts = [1, 4] if quick else [1, 4, 8, 16, 32]
     batches = [1] if quick else [1, 4, 16]
-    # perturbed like fine-tuned copies: no weight (bias, norm scale) is shared by accident
-    models = [arch.perturb(arch.bert_encoder(seed, **SMALL), seed)
-              for seed in range(max(counts))]
-    frozen = [freeze_member(m, i) for i, m in enumerate(models)]
+    models, frozen = small_encoder_members(max(counts))
     LOG.info("small encoder: %d members built and frozen", len(models))
     targets = {(32, 1): (4.5, 1.5)}
     candidates = {"merged": batches, "merged (grouped)": [b for b in batches if b <= 4],

@@ -160,12 +160,9 @@ def trace(path: str, signature_key: str = "stacked", runs: int = 10, repeats: in
 
 
 def _build_small_encoder_merge(root: Path) -> str:
-    from benchmarks.netfuse import SMALL
+    from benchmarks.netfuse import small_encoder_members
     from tfweave import netfuse
-    from tfweave.netfuse import architectures as arch
-    from tfweave.netfuse.sources import freeze_member
-    models = [arch.perturb(arch.bert_encoder(seed, **SMALL), seed) for seed in range(32)]
-    frozen = [freeze_member(m, i) for i, m in enumerate(models)]
+    _, frozen = small_encoder_members(32)
     out = root / "merged" / "1"
     netfuse.merge(frozen, str(out), mode="grouped", warmup=False)
     return str(out)

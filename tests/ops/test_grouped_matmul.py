@@ -418,8 +418,10 @@ def test_grouped_layer_norm_rejects_bad_sizes_and_shapes_naming_them(gmm):
 def test_block_weights_places_each_element_where_the_layout_says_and_round_trips(gmm):
     rng = np.random.default_rng(3)
     w = rng.standard_normal((2, 8, 32)).astype(np.float32)
-    blocked = gmm.block_weights(w).numpy()
+    blocked = gmm.block_weights(w)   # NumPy in, NumPy out (what a merge stores)
+    assert isinstance(blocked, np.ndarray) and blocked.flags.c_contiguous
     assert blocked.shape == (2, 2, 2, 4, 16)
+    np.testing.assert_array_equal(gmm.block_weights(tf.constant(w)).numpy(), blocked)
     for g, row, col in [(0, 0, 0), (1, 7, 31), (0, 5, 17), (1, 3, 16)]:
         assert blocked[g, row // 4, col // 16, row % 4, col % 16] == w[g, row, col]
     np.testing.assert_array_equal(gmm.unblock_weights(blocked).numpy(), w)

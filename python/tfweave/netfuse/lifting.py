@@ -768,11 +768,10 @@ def grouped_weight(lx: Lifter, w: Value, contracted: int, transposed: bool):
     def to_mk(a):  # the members' weights stacked [N, ...] -> [N, M, K]
         return a if transposed else a.reshape(a.shape[0], k, m).transpose(0, 2, 1)
 
-    if m % 4 == 0 and k % 16 == 0 and m > 0 and k > 0:
+    from tfweave.ops.grouped_matmul import block_weights, can_block
+    if can_block(m, k):
         return lx.weight(w, f"grouped_blocked{'t' if transposed else contracted}",
-                         lambda a: np.ascontiguousarray(to_mk(a).reshape(
-                             a.shape[0], m // 4, 4, k // 16, 16).transpose(0, 1, 3, 2, 4))), \
-            m_shape
+                         lambda a: block_weights(to_mk(a))), m_shape
     return lx.weight(w, "grouped_mk" if transposed else f"grouped_mk{contracted}",
                      lambda a: np.ascontiguousarray(to_mk(a))), m_shape
 

@@ -25,12 +25,14 @@ the weight-gradient op), so ``tf.GradientTape`` works through the ops.
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from tfweave.ops import load_library
 
-__all__ = ["attention_reference", "block_weights", "fused_attention", "grouped_layer_norm",
-           "grouped_matmul", "grouped_matmul_weight_grad", "load_ops", "unblock_weights"]
+__all__ = ["attention_reference", "block_weights", "can_block", "fused_attention",
+           "grouped_layer_norm", "grouped_matmul", "grouped_matmul_weight_grad", "load_ops",
+           "unblock_weights"]
 
 FAMILY = "grouped_matmul"
 
@@ -89,15 +91,23 @@ def grouped_matmul(x, w, group_sizes, bias=None, *, transpose_w: bool = False,
                                     w_blocked=w_blocked, activation=activation, name=name)
 
 
+def can_block(m: int, k: int) -> bool:
+    """Whether ``[G, M, K]`` weights have a blocked layout: M % 4 == 0 and K % 16 == 0."""
+    return m > 0 and k > 0 and m % 4 == 0 and k % 16 == 0
+
+
 def block_weights(w):
     """``[G, M, K]`` weights (GroupedMatMul's ``transpose_w`` layout) as the blocked
     ``[G, M / 4, K / 16, 4, 16]``: element ``[g, i, j, r, c]`` is ``w[g, 4 i + r, 16 j + c]``.
-    Needs M % 4 == 0 and K % 16 == 0."""
-    w = tf.convert_to_tensor(w)
+    Needs :func:`can_block`. A NumPy array gives a contiguous NumPy array (as a merge stores
+    it), anything else a tensor."""
     groups, m, k = w.shape
-    if m % 4 or k % 16:
-        raise ValueError(f"block_weights: w {w.shape} needs M % 4 == 0 and K % 16 == 0")
-    return tf.transpose(tf.reshape(w, [groups, m // 4, 4, k // 16, 16]), [0, 1, 3, 2, 4])
+    if not can_block(m, k):
+        raise ValueError(f"block_weights: w {tuple(w.shape)} needs M % 4 == 0 and K % 16 == 0")
+    split, order = [groups, m // 4, 4, k // 16, 16], [0, 1, 3, 2, 4]
+    if isinstance(w, np.ndarray):
+        return np.ascontiguousarray(w.reshape(split).transpose(order))
+    return tf.transpose(tf.reshape(w, split), order)
 
 
 def unblock_weights(w):
